@@ -1,0 +1,72 @@
+"""The ``corrupt`` stage's logic: a long-tailed, label-noisy index over a source training set.
+
+Long tail first (by clean label), then noise on the kept samples, both from seeded generators derived
+from ``params.seed`` so the same params give byte-identical output on any machine.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from dsink.artifacts import CorruptedIndex
+from dsink.data.longtail import long_tail_indices
+from dsink.data.noise import inject, pair_map_for, read_label_file
+from dsink.params import DataParams, to_dict
+
+# Independent streams: changing the noise settings never changes which samples the long tail keeps.
+_LONGTAIL_STREAM, _NOISE_STREAM, _PAIRS_STREAM = 1, 2, 3
+
+
+def rng_for(seed: int, stream: int) -> np.random.Generator:
+    return np.random.default_rng(np.random.SeedSequence([seed, stream]))
+
+
+def corrupt_labels(labels: np.ndarray, num_classes: int, class_names: list[str], data: DataParams,
+                   seed: int) -> CorruptedIndex:
+    """Build the corrupted index from the source's clean training ``labels``."""
+    labels = np.asarray(labels, dtype=np.int64)
+    imb = data.imbalance
+    ids = long_tail_indices(labels, num_classes, imb.profile, imb.ratio, imb.head, rng_for(seed, _LONGTAIL_STREAM))
+    clean = labels[ids]
+    noise = data.noise
+    pair_map = None
+    if noise.type == "file":
+        assert noise.file is not None
+        noisy = read_label_file(noise.file, noise.key, labels.size, num_classes)[ids]
+    else:
+        if noise.type == "asymmetric":
+            pair_map = pair_map_for(data.dataset, num_classes, rng_for(seed, _PAIRS_STREAM), data.root)
+        noisy = inject(clean, noise.type, noise.rate, num_classes, rng_for(seed, _NOISE_STREAM),
+                       include_true=noise.include_true, pair_map=pair_map)
+    is_noisy = noisy != clean
+    counts = np.bincount(clean, minlength=num_classes)
+    meta: dict[str, Any] = {
+        "dataset": data.dataset,
+        "num_classes": int(num_classes),
+        "class_names": list(class_names),
+        "imbalance": to_dict(imb),
+        "noise": to_dict(noise),
+        "seed": int(seed),
+        "class_counts": counts.tolist(),
+        "noisy_class_counts": np.bincount(noisy, minlength=num_classes).tolist(),
+        "noise_rate": float(is_noisy.mean()),
+        "source_train_size": int(labels.size),
+    }
+    if pair_map is not None:
+        meta["pair_map"] = {str(k): int(v) for k, v in sorted(pair_map.items())}
+    return CorruptedIndex(ids, clean, noisy, is_noisy, meta)
+
+
+def corrupt_metrics(idx: CorruptedIndex) -> dict[str, Any]:
+    """``metrics/corrupt.json`` (contract keys plus a few that help reading sweeps)."""
+    counts = idx.clean_counts()
+    present = counts[counts > 0]
+    return {
+        "num_samples": int(idx.sample_id.size),
+        "noise_rate": float(idx.is_noisy.mean()),
+        "imbalance_ratio": float(present.max() / present.min()),
+        "num_noisy": int(idx.is_noisy.sum()),
+        "num_classes": idx.num_classes,
+    }

@@ -1,0 +1,315 @@
+"""Typed, validated ``params.yaml``.
+
+Every stage reads its section through :func:`load_params`, so a typo, a wrong type or an out-of-range value
+is reported once, at the edge, as one line naming the key, the value and what was expected (with the
+closest valid key for typos) instead of surfacing as a crash deep in training.
+
+The schema is a tree of dataclasses. Field metadata carries the checks (``choices``, ``ge``/``gt``/``le``/
+``lt``), so the rules live next to the defaults and the loader stays generic.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+from dsink.errors import DsinkError
+
+DATASETS = ("fashion_mnist", "cifar10", "cifar100", "image_folder", "synthetic")
+NOISE_TYPES = ("none", "symmetric", "asymmetric", "imbalanced", "file")
+IMBALANCE_METHODS = ("logit_adjustment", "balanced_softmax", "ce")
+NOISE_METHODS = ("gce", "small_loss", "elr", "ce")
+MODEL_NAMES = ("small_cnn", "resnet32", "preact_resnet18")
+
+
+def _opt(default: Any, **checks: Any) -> Any:
+    """A dataclass field with a default and validation metadata."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=checks)
+    return field(default=default, metadata=checks)
+
+
+def _sub(cls: type) -> Any:
+    return field(default_factory=cls)
+
+
+@dataclass
+class ImbalanceParams:
+    """Long-tail profile applied by clean label (see ``dsink.data.longtail``)."""
+
+    profile: str = _opt("exp", choices=("exp", "step", "none"))
+    ratio: float = _opt(100.0, ge=1.0)
+    head: str = _opt("natural", choices=("natural", "permuted"))
+
+
+@dataclass
+class NoiseParams:
+    """Label noise injected after the long tail (see ``dsink.data.noise``)."""
+
+    type: str = _opt("symmetric", choices=NOISE_TYPES)
+    rate: float = _opt(0.4, ge=0.0, lt=1.0)
+    # symmetric/imbalanced: may the wrong label be the true one? false = RoLT convention (always flips).
+    include_true: bool = _opt(False)
+    file: str | None = _opt(None)
+    key: str | None = _opt(None)
+
+
+@dataclass
+class SyntheticParams:
+    """A tiny seeded image set for tests (never a default)."""
+
+    num_classes: int = _opt(4, ge=2)
+    image_size: int = _opt(8, ge=4)
+    channels: int = _opt(1, ge=1)
+    train_per_class: int = _opt(200, ge=1)
+    test_per_class: int = _opt(50, ge=1)
+
+
+@dataclass
+class DataParams:
+    dataset: str = _opt("fashion_mnist", choices=DATASETS)
+    root: str = _opt("data/raw")
+    download: bool = _opt(False)
+    image_size: int = _opt(32, ge=4)  # image_folder only: images are resized to this square size
+    imbalance: ImbalanceParams = _sub(ImbalanceParams)
+    noise: NoiseParams = _sub(NoiseParams)
+    synthetic: SyntheticParams = _sub(SyntheticParams)
+
+
+@dataclass
+class TrainParams:
+    """What every training run (teachers and student) shares: the engine's knobs."""
+
+    model: str = _opt("small_cnn", choices=MODEL_NAMES)
+    epochs: int = _opt(30, ge=1)
+    batch_size: int = _opt(128, ge=1)
+    lr: float = _opt(0.05, gt=0.0)
+    momentum: float = _opt(0.9, ge=0.0, lt=1.0)
+    weight_decay: float = _opt(5e-4, ge=0.0)
+    schedule: str = _opt("cosine", choices=("cosine", "step", "constant"))
+    milestones: list = _opt([])
+    gamma: float = _opt(0.1, gt=0.0, le=1.0)
+    warmup_epochs: int = _opt(0, ge=0)
+    augment: bool = _opt(True)
+    bf16: bool = _opt(False)
+    channels_last: bool = _opt(False)
+    num_workers: int = _opt(0, ge=0)
+
+
+@dataclass
+class ImbalanceTeacherParams(TrainParams):
+    method: str = _opt("logit_adjustment", choices=IMBALANCE_METHODS)
+    tau: float = _opt(1.0, ge=0.0)
+
+
+@dataclass
+class NoiseTeacherParams(TrainParams):
+    method: str = _opt("gce", choices=NOISE_METHODS)
+    q: float = _opt(0.7, gt=0.0, le=1.0)
+    forget_rate: float | None = _opt(None, ge=0.0, lt=1.0)  # small_loss; null = data.noise.rate
+    ramp_epochs: int = _opt(10, ge=0)
+    elr_beta: float = _opt(0.7, ge=0.0, lt=1.0)
+    elr_lambda: float = _opt(3.0, ge=0.0)
+
+
+@dataclass
+class TeachersParams:
+    imbalance: ImbalanceTeacherParams = _sub(ImbalanceTeacherParams)
+    noise: NoiseTeacherParams = _sub(NoiseTeacherParams)
+
+
+@dataclass
+class SinkhornParams:
+    reg: float = _opt(2.0, gt=0.0)
+    max_iter: int = _opt(200, ge=1)
+    tol: float = _opt(1e-4, gt=0.0)
+    temperature: float = _opt(1.0, gt=0.0)
+
+
+@dataclass
+class DistillParams(TrainParams):
+    alpha: float = _opt(1.0, ge=0.0)
+    alpha_warmup_epochs: int = _opt(0, ge=0)
+    base_loss: str = _opt("logit_adjusted", choices=("ce", "logit_adjusted", "none"))
+    tau: float = _opt(1.0, ge=0.0)  # student's logit adjustment: raw logits + tau*log(prior) = train space
+    scope: str = _opt("batch", choices=("batch", "dataset"))
+    resolve_every: int = _opt(1, ge=1)  # dataset scope: epochs between re-solves
+    class_totals: str = _opt("soft", choices=("soft", "hard"))
+    chunk_size: int = _opt(65536, ge=1)
+    sinkhorn: SinkhornParams = _sub(SinkhornParams)
+
+
+@dataclass
+class EvaluateParams:
+    many_threshold: int = _opt(100, ge=0)
+    few_threshold: int = _opt(20, ge=0)
+    batch_size: int = _opt(512, ge=1)
+
+
+@dataclass
+class DumpParams:
+    batch_size: int = _opt(512, ge=1)
+
+
+@dataclass
+class Params:
+    seed: int = _opt(0, ge=0)
+    data: DataParams = _sub(DataParams)
+    teachers: TeachersParams = _sub(TeachersParams)
+    dump: DumpParams = _sub(DumpParams)
+    distill: DistillParams = _sub(DistillParams)
+    evaluate: EvaluateParams = _sub(EvaluateParams)
+
+
+def _fmt(value: Any) -> str:
+    return repr(value) if isinstance(value, str) else yaml.safe_dump(value, default_flow_style=True).strip()
+
+
+def _bad(path: str, value: Any, expected: str) -> DsinkError:
+    return DsinkError(f"params.yaml: {path} = {_fmt(value)} is invalid: expected {expected}")
+
+
+def _strip_optional(tp: Any) -> tuple[Any, bool]:
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return (args[0] if len(args) == 1 else tp), len(args) < len(typing.get_args(tp))
+    return tp, False
+
+
+def _coerce(path: str, value: Any, tp: Any) -> Any:
+    """Check ``value`` against the annotated type; ints are accepted where floats are expected."""
+    base, optional = _strip_optional(tp)
+    if value is None:
+        if optional:
+            return None
+        raise _bad(path, value, f"a {getattr(base, '__name__', base)}, not null")
+    if base is bool:
+        if not isinstance(value, bool):
+            raise _bad(path, value, "true or false")
+        return value
+    if base is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise _bad(path, value, "an integer")
+        return value
+    if base is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise _bad(path, value, "a number")
+        value = float(value)
+        if not math.isfinite(value):
+            raise _bad(path, value, "a finite number")
+        return value
+    if base is str:
+        if not isinstance(value, str):
+            raise _bad(path, value, "a string")
+        return value
+    if base is list:
+        if not isinstance(value, list):
+            raise _bad(path, value, "a list")
+        return value
+    raise TypeError(f"unsupported params type {tp!r} at {path}")
+
+
+def _check_range(path: str, value: Any, meta: typing.Mapping[str, Any]) -> None:
+    if value is None:
+        return
+    if "choices" in meta and value not in meta["choices"]:
+        close = difflib.get_close_matches(str(value), meta["choices"], n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise _bad(path, value, "one of " + ", ".join(meta["choices"]) + hint)
+    bounds = []
+    ok = True
+    for key, sym, test in (
+        ("ge", ">=", lambda v, b: v >= b),
+        ("gt", ">", lambda v, b: v > b),
+        ("le", "<=", lambda v, b: v <= b),
+        ("lt", "<", lambda v, b: v < b),
+    ):
+        if key in meta:
+            bounds.append(f"{sym} {meta[key]}")
+            ok = ok and test(value, meta[key])
+    if not ok:
+        raise _bad(path, value, "a value " + " and ".join(bounds))
+
+
+def from_dict(cls: type, raw: Any, path: str = "") -> Any:
+    """Build dataclass ``cls`` from a YAML mapping, rejecting unknown keys with the closest valid one."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise _bad(path or "<top level>", raw, "a mapping of keys")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in fields:
+            where = f"{path}.{key}" if path else str(key)
+            close = difflib.get_close_matches(str(key), list(fields), n=1)
+            hint = f"; did you mean {(path + '.' if path else '') + close[0]!r}?" if close else ""
+            raise DsinkError(
+                f"params.yaml: unknown key {where!r}{hint} (valid here: {', '.join(sorted(fields))})"
+            )
+    kwargs = {}
+    for name, f in fields.items():
+        if name not in raw:
+            continue
+        sub_path = f"{path}.{name}" if path else name
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = from_dict(tp, raw[name], sub_path)
+        else:
+            value = _coerce(sub_path, raw[name], tp)
+            _check_range(sub_path, value, f.metadata)
+            kwargs[name] = value
+    params = cls(**kwargs)
+    if cls is Params:
+        _check_cross_field(params)
+    return params
+
+
+def _check_cross_field(p: Params) -> None:
+    noise = p.data.noise
+    if noise.type == "file" and not noise.file:
+        raise _bad("data.noise.file", noise.file, "a path to a label file when data.noise.type is 'file'")
+    if noise.type not in ("none", "file") and noise.rate == 0.0:
+        pass  # a zero rate is a valid, clean run
+    for name, train in (("teachers.imbalance", p.teachers.imbalance), ("teachers.noise", p.teachers.noise),
+                        ("distill", p.distill)):
+        ms = train.milestones
+        if not all(isinstance(m, int) and not isinstance(m, bool) and m >= 0 for m in ms):
+            raise _bad(f"{name}.milestones", ms, "a list of non-negative integers (epochs)")
+        if train.schedule == "step" and not ms:
+            raise _bad(f"{name}.milestones", ms, "at least one epoch when schedule is 'step'")
+        if train.warmup_epochs >= train.epochs and train.warmup_epochs > 0:
+            raise _bad(f"{name}.warmup_epochs", train.warmup_epochs, f"fewer than epochs ({train.epochs})")
+    if p.evaluate.few_threshold > p.evaluate.many_threshold:
+        raise _bad("evaluate.few_threshold", p.evaluate.few_threshold,
+                   f"<= evaluate.many_threshold ({p.evaluate.many_threshold})")
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read and validate ``params.yaml``; raise :class:`DsinkError` with one clear line on any problem."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise DsinkError(f"cannot read params file {str(path)!r}: {exc.strerror}") from exc
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise DsinkError(f"params file {str(path)!r} is not valid YAML{where}") from exc
+    return from_dict(Params, raw)
+
+
+def to_dict(obj: Any) -> Any:
+    """Plain-dict form of a params dataclass (for artifact metadata)."""
+    return dataclasses.asdict(obj)
