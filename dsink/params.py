@@ -101,7 +101,7 @@ class TrainParams:
     augment: bool = _opt(True)
     bf16: bool = _opt(False)
     channels_last: bool = _opt(False)
-    num_workers: int = _opt(0, ge=0)
+    track_every: int = _opt(1, ge=0)  # epochs between test top-1 / label-repair measurements (0: never)
 
 
 @dataclass
@@ -143,6 +143,11 @@ class DistillParams(TrainParams):
     scope: str = _opt("batch", choices=("batch", "dataset"))
     resolve_every: int = _opt(1, ge=1)  # dataset scope: epochs between re-solves
     class_totals: str = _opt("soft", choices=("soft", "hard"))
+    # the student's training prior: its raw logits + tau*log(prior) are trained against q (train space)
+    prior: str = _opt("imbalance_teacher", choices=("imbalance_teacher", "noisy_labels"))
+    # how to read a teacher file's raw logits: auto = its metadata ``train_offset`` (none: train space)
+    imbalance_space: str = _opt("auto", choices=("auto", "train", "balanced"))
+    noise_space: str = _opt("auto", choices=("auto", "train", "balanced"))
     chunk_size: int = _opt(65536, ge=1)
     sinkhorn: SinkhornParams = _sub(SinkhornParams)
 

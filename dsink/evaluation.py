@@ -1,0 +1,121 @@
+"""Metrics on the clean, balanced test set and on the noisy training labels.
+
+- ``top1``, and ``many`` / ``medium`` / ``few``: accuracy over test samples of classes with more than
+  ``many_threshold`` training samples, fewer than ``few_threshold``, and the rest (class sizes are the
+  clean counts of the long-tailed training set). A group with no class is reported as ``null``.
+- ``corrected``: share of noisy training labels whose prediction equals the clean label;
+  ``memorised``: share whose prediction equals the noisy label (``method.md``, benchmark regime).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+
+def class_groups(train_counts: np.ndarray, many_threshold: int, few_threshold: int) -> dict[str, np.ndarray]:
+    counts = np.asarray(train_counts)
+    many = counts > many_threshold
+    few = counts < few_threshold
+    return {"many": np.flatnonzero(many), "medium": np.flatnonzero(~many & ~few), "few": np.flatnonzero(few)}
+
+
+def per_class_accuracy(pred: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """Accuracy of each class (NaN for a class with no test sample)."""
+    hits = np.bincount(labels, weights=(pred == labels).astype(np.float64), minlength=num_classes)
+    totals = np.bincount(labels, minlength=num_classes).astype(np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return hits / totals
+
+
+def confusion_matrix(pred: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """``M[true, predicted]`` counts."""
+    return np.bincount(labels * num_classes + pred, minlength=num_classes * num_classes).reshape(
+        num_classes, num_classes)
+
+
+def test_metrics(pred: np.ndarray, labels: np.ndarray, train_counts: np.ndarray, many_threshold: int,
+                 few_threshold: int) -> dict[str, Any]:
+    """Top-1 and many/medium/few accuracy (sample-weighted within each group)."""
+    pred = np.asarray(pred)
+    labels = np.asarray(labels)
+    hit = pred == labels
+    out: dict[str, Any] = {"top1": float(hit.mean())}
+    for name, classes in class_groups(train_counts, many_threshold, few_threshold).items():
+        sel = np.isin(labels, classes)
+        out[name] = float(hit[sel].mean()) if sel.any() else None
+    return out
+
+
+def label_repair(pred: np.ndarray, clean: np.ndarray, noisy: np.ndarray) -> dict[str, float | None]:
+    """Share of noisy training labels corrected (pred == clean) and memorised (pred == noisy)."""
+    wrong = clean != noisy
+    if not wrong.any():
+        return {"corrected": None, "memorised": None}
+    return {
+        "corrected": float((pred[wrong] == clean[wrong]).mean()),
+        "memorised": float((pred[wrong] == noisy[wrong]).mean()),
+    }
+
+
+def epoch_tracker(corpus: Any, device: Any, batch_size: int) -> Any:
+    """A per-epoch callback for the engine: test top-1 and label repair on the training set.
+
+    Predictions are the argmax of raw logits everywhere (the model's own classification), as in
+    ``metrics/evaluate.json``.
+    """
+    import torch
+
+    from dsink.engine import predict_logits
+
+    test = corpus.source.test
+    test_ids = np.arange(len(test))
+    idx = corpus.index
+
+    def evaluate(model: torch.nn.Module) -> dict[str, float]:
+        zt = predict_logits(model, test, test_ids, corpus.normalizer, device, batch_size, desc="test")
+        ztr = predict_logits(model, corpus.source.train, idx.sample_id, corpus.normalizer, device, batch_size,
+                             desc="train")
+        record = {"test_top1": float((zt.argmax(1) == test.labels).mean())}
+        repair = label_repair(ztr.argmax(1), idx.clean_label, idx.noisy_label)
+        record.update({f"train_{k}": v for k, v in repair.items() if v is not None})
+        return record
+
+    return evaluate
+
+
+MODELS = ("dsink", "imbalance_teacher", "noise_teacher")
+
+
+def evaluate_models(logits: dict[str, Any], test_labels: np.ndarray, index: Any, many_threshold: int,
+                    few_threshold: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``metrics/evaluate.json`` content and the per-class / confusion tables for the plots.
+
+    ``logits`` maps each name of :data:`MODELS` to a validated :class:`~dsink.artifacts.TeacherLogits`.
+    """
+    C = index.num_classes
+    counts = index.clean_counts()
+    metrics: dict[str, Any] = {}
+    per_class_rows = []
+    confusion = None
+    per_class = {}
+    for name in MODELS:
+        t = logits[name]
+        pred_test = t.test.argmax(1)
+        m = test_metrics(pred_test, test_labels, counts, many_threshold, few_threshold)
+        m.update(label_repair(t.train.argmax(1), index.clean_label, index.noisy_label))
+        metrics[name] = m
+        per_class[name] = per_class_accuracy(pred_test, test_labels, C)
+        if name == "dsink":
+            confusion = confusion_matrix(pred_test, test_labels, C)
+    names = index.meta.get("class_names") or [str(c) for c in range(C)]
+    for c in range(C):
+        row = {"class": int(c), "class_name": str(names[c]), "class_size": int(counts[c])}
+        for name in MODELS:
+            v = per_class[name][c]
+            row[name] = None if np.isnan(v) else float(v)
+        per_class_rows.append(row)
+    groups = class_groups(counts, many_threshold, few_threshold)
+    metrics["groups"] = {k: [int(c) for c in v] for k, v in groups.items()}
+    return metrics, {"per_class": per_class_rows, "confusion": confusion, "class_names": [str(n) for n in names]}

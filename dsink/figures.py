@@ -1,0 +1,122 @@
+"""PNG figures people look at (matplotlib, no display needed).
+
+- ``per_class.png``: per-class test accuracy against training class size, the three models;
+- ``confusion.png``: the student's confusion matrix on the test set (row-normalised);
+- ``curves.png``: test top-1 and training loss per epoch of the three trainings (from dvclive);
+- ``corrected.png``: share of noisy training labels corrected / memorised per epoch.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dsink.artifacts import atomic_path
+
+LABELS = {"dsink": "D-SINK student", "imbalance_teacher": "imbalance teacher (f_L)",
+          "noise_teacher": "noise teacher (f_N)"}
+
+
+def _plt() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig: Any, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight", metadata={"Software": None})
+    _plt().close(fig)
+
+
+def per_class_figure(rows: list[dict[str, Any]], path: Path) -> None:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    sizes = np.array([r["class_size"] for r in rows])
+    for name, marker in zip(LABELS, ("o", "s", "^"), strict=True):
+        acc = np.array([np.nan if r[name] is None else r[name] for r in rows], dtype=float)
+        ax.scatter(sizes, acc, label=LABELS[name], marker=marker, alpha=0.8)
+    ax.set_xscale("log")
+    ax.set_xlabel("training samples in class (clean label, log scale)")
+    ax.set_ylabel("test accuracy")
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title("Per-class accuracy vs class size")
+    _save(fig, path)
+
+
+def confusion_figure(confusion: np.ndarray, class_names: list[str], path: Path) -> None:
+    plt = _plt()
+    C = confusion.shape[0]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        norm = confusion / confusion.sum(1, keepdims=True)
+    side = min(12.0, 3 + 0.35 * C)
+    fig, ax = plt.subplots(figsize=(side, side * 0.85))
+    im = ax.imshow(np.nan_to_num(norm), cmap="Blues", vmin=0, vmax=1)
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    if C <= 30:
+        ax.set_xticks(range(C), class_names, rotation=60, ha="right", fontsize=7)
+        ax.set_yticks(range(C), class_names, fontsize=7)
+        if C <= 15:
+            for i in range(C):
+                for j in range(C):
+                    if confusion[i, j]:
+                        ax.text(j, i, f"{norm[i, j]:.2f}", ha="center", va="center", fontsize=6,
+                                color="white" if norm[i, j] > 0.5 else "black")
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title("D-SINK student: confusion (row-normalised)")
+    _save(fig, path)
+
+
+def read_live_metric(live_dir: Path, metric: str) -> tuple[np.ndarray, np.ndarray] | None:
+    """(steps, values) of a dvclive metric TSV, or None when it was not logged."""
+    import pandas as pd
+
+    tsv = live_dir / "plots" / "metrics" / f"{metric}.tsv"
+    if not tsv.is_file():
+        return None
+    df = pd.read_csv(tsv, sep="\t")
+    if metric not in df.columns or "step" not in df.columns:
+        return None
+    return df["step"].to_numpy() + 1, df[metric].to_numpy(dtype=float)
+
+
+def curves_figure(live_dirs: dict[str, Path], path: Path) -> None:
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for name, d in live_dirs.items():
+        for ax, metric in zip(axes, ("test_top1", "train_loss"), strict=True):
+            series = read_live_metric(d, metric)
+            if series is not None:
+                ax.plot(*series, label=LABELS.get(name, name), marker=".")
+    axes[0].set_title("test top-1 per epoch")
+    axes[1].set_title("training loss per epoch")
+    for ax in axes:
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    _save(fig, path)
+
+
+def corrected_figure(live_dirs: dict[str, Path], path: Path) -> None:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for name, d in live_dirs.items():
+        for metric, style in (("train_corrected", "-"), ("train_memorised", "--")):
+            series = read_live_metric(d, metric)
+            if series is not None:
+                ax.plot(*series, style, label=f"{LABELS.get(name, name)}: {metric.split('_')[1]}")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("share of noisy training labels")
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    ax.set_title("Noisy labels corrected (solid) and memorised (dashed)")
+    _save(fig, path)

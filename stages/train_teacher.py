@@ -1,0 +1,37 @@
+"""DVC stage `train_teacher@<role>`: train the imbalance-robust (f_L) or noise-robust (f_N) teacher.
+
+Reads `seed`, `data` and `teachers.<role>`; writes data/teachers/<role>/model.pt (a state dict) and
+dvclive curves under dvclive/teacher_<role>. Resumes from .dsink/checkpoints when a run of the same
+params was interrupted. Runs single-process, or DDP when launched by torchrun.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from dsink import stage
+
+
+def main(args: argparse.Namespace) -> None:
+    from dsink.params import load_params
+    from dsink.teachers import fit_teacher
+
+    params = load_params(args.params)
+    model_out = args.out or f"data/teachers/{args.role}/model.pt"
+    live = args.live or f"dvclive/teacher_{args.role}"
+    last = fit_teacher(params, args.role, args.corrupted, model_out, live)
+    if last:
+        print(f"teacher[{args.role}]: test top-1 {last.get('test_top1', float('nan')):.4f} -> {model_out}")
+
+
+def cli(argv: list[str] | None = None) -> None:
+    p = stage.parser(__doc__)
+    p.add_argument("--role", required=True, choices=("imbalance", "noise"), help="which teacher to train")
+    p.add_argument("--corrupted", default="data/corrupted/train.parquet", help="corrupted index")
+    p.add_argument("--out", default=None, help="model path (default: data/teachers/<role>/model.pt)")
+    p.add_argument("--live", default=None, help="dvclive directory (default: dvclive/teacher_<role>)")
+    stage.run(main, p, argv)
+
+
+if __name__ == "__main__":
+    cli()
