@@ -64,11 +64,15 @@ class DsinkObjective:
         if p.class_totals == "hard":
             p_l = F.one_hot(p_l.argmax(1), p_l.shape[1]).float()
         self.p_l = p_l
+        n = p_l.shape[0]
         if p.prior == "imbalance_teacher":
-            prior = p_l.double().mean(0).clamp_min(1e-12)
+            counts = p_l.double().sum(0)
         else:
-            prior = torch.from_numpy(np.maximum(noisy_prior, 1e-12))
-        self.student_offset = (p.tau * torch.log(prior / prior.sum())).float()
+            counts = torch.from_numpy(np.asarray(noisy_prior, dtype=np.float64)) * n
+        # add-one smoothing: a class the estimate never saw must not get log(0) = -inf (or -27) added,
+        # which would make the raw (balanced) argmax predict it everywhere
+        prior = (counts + 1.0) / (n + counts.numel())
+        self.student_offset = (p.tau * torch.log(prior)).float()
         self.dataset_q: torch.Tensor | None = None  # (N, C) surrogate labels, dataset scope
         self.last_sinkhorn: dict[str, float] = {}
 

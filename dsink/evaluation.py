@@ -35,7 +35,7 @@ def confusion_matrix(pred: np.ndarray, labels: np.ndarray, num_classes: int) -> 
         num_classes, num_classes)
 
 
-def test_metrics(pred: np.ndarray, labels: np.ndarray, train_counts: np.ndarray, many_threshold: int,
+def shot_accuracy(pred: np.ndarray, labels: np.ndarray, train_counts: np.ndarray, many_threshold: int,
                  few_threshold: int) -> dict[str, Any]:
     """Top-1 and many/medium/few accuracy (sample-weighted within each group)."""
     pred = np.asarray(pred)
@@ -103,7 +103,7 @@ def evaluate_models(logits: dict[str, Any], test_labels: np.ndarray, index: Any,
     for name in MODELS:
         t = logits[name]
         pred_test = t.test.argmax(1)
-        m = test_metrics(pred_test, test_labels, counts, many_threshold, few_threshold)
+        m = shot_accuracy(pred_test, test_labels, counts, many_threshold, few_threshold)
         m.update(label_repair(t.train.argmax(1), index.clean_label, index.noisy_label))
         metrics[name] = m
         per_class[name] = per_class_accuracy(pred_test, test_labels, C)
