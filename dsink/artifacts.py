@@ -65,7 +65,9 @@ def read_meta(schema: pa.Schema, where: str) -> dict[str, Any]:
     if raw is None:
         return {}
     if len(raw) > MAX_META_BYTES:
-        raise DsinkError(f"{where}: 'dsink' metadata is {len(raw)} bytes; refusing more than {MAX_META_BYTES}")
+        raise DsinkError(
+            f"{where}: 'dsink' metadata is {len(raw)} bytes; refusing more than {MAX_META_BYTES}"
+        )
     try:
         meta = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -91,8 +93,10 @@ def _require_columns(table: pa.Table, spec: dict[str, tuple[str, ...]], where: s
         if name not in table.column_names:
             raise DsinkError(f"{where}: missing column {name!r} (have {table.column_names})")
         t = table.schema.field(name).type
-        ok = ("int" in kinds and pa.types.is_integer(t)) or ("bool" in kinds and pa.types.is_boolean(t)) or (
-            "string" in kinds and (pa.types.is_string(t) or pa.types.is_large_string(t))
+        ok = (
+            ("int" in kinds and pa.types.is_integer(t))
+            or ("bool" in kinds and pa.types.is_boolean(t))
+            or ("string" in kinds and (pa.types.is_string(t) or pa.types.is_large_string(t)))
         )
         if not ok:
             raise DsinkError(f"{where}: column {name!r} has type {t}; expected {' or '.join(kinds)}")
@@ -145,13 +149,16 @@ def read_corrupted(path: str | Path) -> CorruptedIndex:
     where = str(path)
     table = _read_table(path)
     _require_columns(
-        table, {"sample_id": ("int",), "clean_label": ("int",), "noisy_label": ("int",), "is_noisy": ("bool",)},
+        table,
+        {"sample_id": ("int",), "clean_label": ("int",), "noisy_label": ("int",), "is_noisy": ("bool",)},
         where,
     )
     meta = read_meta(table.schema, where)
     for key in ("dataset", "num_classes"):
         if key not in meta:
-            raise DsinkError(f"{where}: 'dsink' metadata lacks {key!r}; regenerate it with `dvc repro corrupt`")
+            raise DsinkError(
+                f"{where}: 'dsink' metadata lacks {key!r}; regenerate it with `dvc repro corrupt`"
+            )
     C = meta["num_classes"]
     if not isinstance(C, int) or C < 2:
         raise DsinkError(f"{where}: metadata num_classes = {C!r}; expected an integer >= 2")
@@ -165,8 +172,13 @@ def read_corrupted(path: str | Path) -> CorruptedIndex:
         v = cols[name]
         if v.min() < 0 or v.max() >= C:
             raise DsinkError(f"{where}: {name} outside 0..{C - 1}")
-    return CorruptedIndex(ids, cols["clean_label"].astype(np.int64), cols["noisy_label"].astype(np.int64),
-                          cols["is_noisy"].astype(bool), meta)
+    return CorruptedIndex(
+        ids,
+        cols["clean_label"].astype(np.int64),
+        cols["noisy_label"].astype(np.int64),
+        cols["is_noisy"].astype(bool),
+        meta,
+    )
 
 
 # ---------------------------------------------------------------- teacher logits
@@ -174,9 +186,10 @@ def read_corrupted(path: str | Path) -> CorruptedIndex:
 SPLITS = ("train", "test")
 
 
-def logits_table(split: np.ndarray | list[str], sample_id: np.ndarray, logits: np.ndarray,
-                 meta: dict[str, Any]) -> pa.Table:
-    """A contract-shaped logits table: ``split`` string, ``sample_id`` int64, ``logits`` fixed-size float32."""
+def logits_table(
+    split: np.ndarray | list[str], sample_id: np.ndarray, logits: np.ndarray, meta: dict[str, Any]
+) -> pa.Table:
+    """A contract-shaped logits table: ``split`` string, ``sample_id`` int64, ``logits`` float32 list."""
     logits = np.ascontiguousarray(logits, dtype=np.float32)
     n, C = logits.shape
     flat = pa.array(logits.reshape(-1), pa.float32())
@@ -203,8 +216,9 @@ class TeacherLogits:
     meta: dict[str, Any]
 
 
-def read_logits(path: str | Path, index: CorruptedIndex, num_test: int | None = None,
-                role: str | None = None) -> TeacherLogits:
+def read_logits(
+    path: str | Path, index: CorruptedIndex, num_test: int | None = None, role: str | None = None
+) -> TeacherLogits:
     """Read a teacher logits Parquet and check it against the corrupted set.
 
     Train rows must cover exactly the ids of the corrupted index (no missing, unknown or duplicate id),
@@ -229,8 +243,10 @@ def read_logits(path: str | Path, index: CorruptedIndex, num_test: int | None = 
     if "num_classes" in meta and meta["num_classes"] != C:
         raise DsinkError(f"{where}: metadata num_classes = {meta['num_classes']}; the corrupted set has {C}")
     if "dataset" in meta and meta["dataset"] != index.dataset:
-        raise DsinkError(f"{where}: teacher was made on dataset {meta['dataset']!r}; the corrupted set is "
-                         f"{index.dataset!r}")
+        raise DsinkError(
+            f"{where}: teacher was made on dataset {meta['dataset']!r}; the corrupted set is "
+            f"{index.dataset!r}"
+        )
     if role is not None and "role" in meta and meta["role"] != role:
         raise DsinkError(f"{where}: metadata role = {meta['role']!r}; expected {role!r}")
     col = table.column("logits").combine_chunks()
@@ -265,10 +281,15 @@ def read_logits(path: str | Path, index: CorruptedIndex, num_test: int | None = 
         if sorted_ids.size != exp_sorted.size or not np.array_equal(sorted_ids, exp_sorted):
             missing = np.setdiff1d(exp_sorted, sorted_ids)
             extra = np.setdiff1d(sorted_ids, exp_sorted)
-            detail = (f"missing id {int(missing[0])} ({missing.size} missing)" if missing.size else
-                      f"unknown id {int(extra[0])} ({extra.size} unknown)")
-            raise DsinkError(f"{where}: {name} rows do not match the {'corrupted set' if name == 'train' else 'test set'}: "
-                             f"{detail}")
+            detail = (
+                f"missing id {int(missing[0])} ({missing.size} missing)"
+                if missing.size
+                else f"unknown id {int(extra[0])} ({extra.size} unknown)"
+            )
+            raise DsinkError(
+                f"{where}: {name} rows do not match the "
+                f"{'corrupted set' if name == 'train' else 'test set'}: {detail}"
+            )
         # rows of this split sorted by id, then placed in the order of ``expected``
         rows = np.flatnonzero(sel)[order]
         pos = np.searchsorted(sorted_ids, expected)

@@ -23,12 +23,15 @@ def rng_for(seed: int, stream: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([seed, stream]))
 
 
-def corrupt_labels(labels: np.ndarray, num_classes: int, class_names: list[str], data: DataParams,
-                   seed: int) -> CorruptedIndex:
+def corrupt_labels(
+    labels: np.ndarray, num_classes: int, class_names: list[str], data: DataParams, seed: int
+) -> CorruptedIndex:
     """Build the corrupted index from the source's clean training ``labels``."""
     labels = np.asarray(labels, dtype=np.int64)
     imb = data.imbalance
-    ids = long_tail_indices(labels, num_classes, imb.profile, imb.ratio, imb.head, rng_for(seed, _LONGTAIL_STREAM))
+    ids = long_tail_indices(
+        labels, num_classes, imb.profile, imb.ratio, imb.head, rng_for(seed, _LONGTAIL_STREAM)
+    )
     clean = labels[ids]
     noise = data.noise
     pair_map = None
@@ -38,8 +41,15 @@ def corrupt_labels(labels: np.ndarray, num_classes: int, class_names: list[str],
     else:
         if noise.type == "asymmetric":
             pair_map = pair_map_for(data.dataset, num_classes, rng_for(seed, _PAIRS_STREAM), data.root)
-        noisy = inject(clean, noise.type, noise.rate, num_classes, rng_for(seed, _NOISE_STREAM),
-                       include_true=noise.include_true, pair_map=pair_map)
+        noisy = inject(
+            clean,
+            noise.type,
+            noise.rate,
+            num_classes,
+            rng_for(seed, _NOISE_STREAM),
+            include_true=noise.include_true,
+            pair_map=pair_map,
+        )
     is_noisy = noisy != clean
     counts = np.bincount(clean, minlength=num_classes)
     meta: dict[str, Any] = {

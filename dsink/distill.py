@@ -33,7 +33,9 @@ from dsink.errors import DsinkError
 from dsink.params import DistillParams
 
 
-def train_space_logits(t: TeacherLogits, space: str, index: CorruptedIndex, role: str) -> tuple[np.ndarray, np.ndarray]:
+def train_space_logits(
+    t: TeacherLogits, space: str, index: CorruptedIndex, role: str
+) -> tuple[np.ndarray, np.ndarray]:
     """A teacher's (train, test) logits in the training-prior space."""
     C = index.num_classes
     if space == "auto":
@@ -55,8 +57,9 @@ def train_space_logits(t: TeacherLogits, space: str, index: CorruptedIndex, role
 class DsinkObjective:
     """Callable objective for :func:`dsink.engine.train` (rows index the corrupted set)."""
 
-    def __init__(self, p: DistillParams, noise_train: np.ndarray, imbalance_train: np.ndarray,
-                 noisy_prior: np.ndarray) -> None:
+    def __init__(
+        self, p: DistillParams, noise_train: np.ndarray, imbalance_train: np.ndarray, noisy_prior: np.ndarray
+    ) -> None:
         self.p = p
         s = p.sinkhorn
         self.log_fn = F.log_softmax(torch.from_numpy(noise_train).float() / s.temperature, dim=1)
@@ -90,12 +93,21 @@ class DsinkObjective:
         s = self.p.sinkhorn
         dev = z_train.device
         log_f = F.log_softmax(z_train.detach().float() / s.temperature, dim=1)
-        q, info = ot.dsink_targets(self.log_fn[rows.cpu()].to(dev), log_f, self.p_l[rows.cpu()].to(dev),
-                                   reg=s.reg, max_iter=s.max_iter, tol=s.tol, log=True)
+        q, info = ot.dsink_targets(
+            self.log_fn[rows.cpu()].to(dev),
+            log_f,
+            self.p_l[rows.cpu()].to(dev),
+            reg=s.reg,
+            max_iter=s.max_iter,
+            tol=s.tol,
+            log=True,
+        )
         self.last_sinkhorn = {"n_iter": float(info["n_iter"]), "err": float(info["err"])}
         return q
 
-    def __call__(self, logits: torch.Tensor, labels: torch.Tensor, rows: torch.Tensor, progress: float) -> torch.Tensor:
+    def __call__(
+        self, logits: torch.Tensor, labels: torch.Tensor, rows: torch.Tensor, progress: float
+    ) -> torch.Tensor:
         z_train = self.train_logits(logits)
         q = self.targets(z_train, rows)
         loss = self.alpha(progress) * losses.soft_cross_entropy(z_train, q)
@@ -115,15 +127,23 @@ class DsinkObjective:
             z = self.train_logits(torch.from_numpy(student_raw[sl]).float())
             log_k[sl] = (self.log_fn[sl] + F.log_softmax(z / s.temperature, dim=1)) / s.reg
         r = self.p_l.double().sum(0)
-        log_u, info = ot.class_scaling(log_k, r.to(log_k.dtype), max_iter=s.max_iter, tol=s.tol,
-                                       chunk_size=self.p.chunk_size, log=True)
+        log_u, info = ot.class_scaling(
+            log_k, r.to(log_k.dtype), max_iter=s.max_iter, tol=s.tol, chunk_size=self.p.chunk_size, log=True
+        )
         self.dataset_q = ot.apply_class_scaling(log_k, log_u)
         del log_k
         return {"n_iter": float(info["n_iter"]), "err": float(info["err"])}
 
 
-def fit_student(params: Any, corrupted: str, imbalance_logits: str, noise_logits: str, model_out: str,
-                logits_out: str, live_dir: str | None) -> dict[str, Any]:
+def fit_student(
+    params: Any,
+    corrupted: str,
+    imbalance_logits: str,
+    noise_logits: str,
+    model_out: str,
+    logits_out: str,
+    live_dir: str | None,
+) -> dict[str, Any]:
     """Train the D-SINK student end to end; write its state dict and its logits (contract schema)."""
     from dsink.artifacts import read_logits
     from dsink.dump import model_logits, write_model_logits
@@ -135,9 +155,9 @@ def fit_student(params: Any, corrupted: str, imbalance_logits: str, noise_logits
         teardown_runtime,
         train,
     )
-    from dsink.evaluation import epoch_tracker
     from dsink.models import build_model
     from dsink.runs import checkpoint_dir, open_corpus, stage_config
+    from dsink.tracking import epoch_tracker
 
     dp: DistillParams = params.distill
     rt = setup_runtime()
@@ -149,34 +169,69 @@ def fit_student(params: Any, corrupted: str, imbalance_logits: str, noise_logits
         t_n = read_logits(noise_logits, idx, n_test)
         for a, b in (("dataset", "dataset"), ("num_classes", "num_classes")):
             if a in t_l.meta and b in t_n.meta and t_l.meta[a] != t_n.meta[b]:
-                raise DsinkError(f"teachers disagree on {a}: {imbalance_logits} has {t_l.meta[a]!r}, "
-                                 f"{noise_logits} has {t_n.meta[b]!r}")
+                raise DsinkError(
+                    f"teachers disagree on {a}: {imbalance_logits} has {t_l.meta[a]!r}, "
+                    f"{noise_logits} has {t_n.meta[b]!r}"
+                )
         l_train, _ = train_space_logits(t_l, dp.imbalance_space, idx, "imbalance")
         n_train, _ = train_space_logits(t_n, dp.noise_space, idx, "noise")
         objective = DsinkObjective(dp, n_train, l_train, idx.noisy_prior())
         torch.manual_seed(params.seed)
         model = build_model(dp.model, idx.num_classes, corpus.source.channels)
-        ckpt = checkpoint_dir("distill", stage_config(params, "seed", "data", "distill"),
-                              [corrupted, imbalance_logits, noise_logits])
+        ckpt = checkpoint_dir(
+            "distill",
+            stage_config(params, "seed", "data", "distill"),
+            [corrupted, imbalance_logits, noise_logits],
+        )
 
         on_epoch_start = None
         if dp.scope == "dataset":
+
             def on_epoch_start(m: torch.nn.Module, epoch: int) -> None:
                 if epoch % dp.resolve_every == 0 or objective.dataset_q is None:
-                    raw = predict_logits(m, corpus.source.train, idx.sample_id, corpus.normalizer, rt.device,
-                                         512, desc="resolve", rt=rt)
+                    raw = predict_logits(
+                        m,
+                        corpus.source.train,
+                        idx.sample_id,
+                        corpus.normalizer,
+                        rt.device,
+                        512,
+                        desc="resolve",
+                        rt=rt,
+                    )
                     objective.resolve_dataset(raw)
 
         tracker = epoch_tracker(corpus, rt.device, 512) if dp.track_every else None
-        result = train(model, objective, corpus.training_set(), corpus.normalizer, dp, params.seed, rt,
-                       checkpoint_dir=ckpt, live_dir=live_dir, evaluate=tracker,
-                       on_epoch_start=on_epoch_start, desc="distill")
+        result = train(
+            model,
+            objective,
+            corpus.training_set(),
+            corpus.normalizer,
+            dp,
+            params.seed,
+            rt,
+            checkpoint_dir=ckpt,
+            live_dir=live_dir,
+            evaluate=tracker,
+            on_epoch_start=on_epoch_start,
+            desc="distill",
+        )
         if rt.is_main:
             train_z, test_z = model_logits(result.model, corpus, 512, "student")
             save_state_dict(result.model, model_out)
-            write_model_logits(logits_out, train_z, test_z, corpus,
-                               {"role": "student", "method": "dsink", "model": dp.model, "space": "balanced",
-                                "train_offset": objective.student_offset.tolist()})
+            write_model_logits(
+                logits_out,
+                train_z,
+                test_z,
+                corpus,
+                {
+                    "role": "student",
+                    "method": "dsink",
+                    "model": dp.model,
+                    "space": "balanced",
+                    "train_offset": objective.student_offset.tolist(),
+                },
+            )
             clear_checkpoint(ckpt)
         return result.history[-1] if result.history else {}
     finally:

@@ -28,25 +28,40 @@ def load_model(name: str, path: str, num_classes: int, channels: int) -> torch.n
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:
-        raise DsinkError(f"{path} does not fit model {name!r} with {num_classes} classes and {channels} "
-                         f"channels: {str(exc).splitlines()[0]}") from exc
+        raise DsinkError(
+            f"{path} does not fit model {name!r} with {num_classes} classes and {channels} "
+            f"channels: {str(exc).splitlines()[0]}"
+        ) from exc
     return model
 
 
-def model_logits(model: torch.nn.Module, corpus: Corpus, batch_size: int, desc: str) -> tuple[np.ndarray, np.ndarray]:
+def model_logits(
+    model: torch.nn.Module, corpus: Corpus, batch_size: int, desc: str
+) -> tuple[np.ndarray, np.ndarray]:
     """(train logits in corrupted-index order, test logits in test order)."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = model.to(device)
     rt = Runtime(device)
-    train = predict_logits(model, corpus.source.train, corpus.index.sample_id, corpus.normalizer, device,
-                           batch_size, desc=f"{desc} train", rt=rt)
+    train = predict_logits(
+        model,
+        corpus.source.train,
+        corpus.index.sample_id,
+        corpus.normalizer,
+        device,
+        batch_size,
+        desc=f"{desc} train",
+        rt=rt,
+    )
     test_ids = np.arange(len(corpus.source.test), dtype=np.int64)
-    test = predict_logits(model, corpus.source.test, test_ids, corpus.normalizer, device, batch_size,
-                          desc=f"{desc} test", rt=rt)
+    test = predict_logits(
+        model, corpus.source.test, test_ids, corpus.normalizer, device, batch_size, desc=f"{desc} test", rt=rt
+    )
     return train, test
 
 
-def write_model_logits(out: str, train: np.ndarray, test: np.ndarray, corpus: Corpus, meta: dict[str, Any]) -> None:
+def write_model_logits(
+    out: str, train: np.ndarray, test: np.ndarray, corpus: Corpus, meta: dict[str, Any]
+) -> None:
     n_tr, n_te = train.shape[0], test.shape[0]
     split = np.array(["train"] * n_tr + ["test"] * n_te, dtype=object)
     ids = np.concatenate([corpus.index.sample_id, np.arange(n_te, dtype=np.int64)])

@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from dsink.data.sources import Split
 from dsink.data.views import (
     Normalizer,
     TrainingSet,
@@ -36,7 +37,6 @@ from dsink.data.views import (
     eval_batches,
     iterate,
 )
-from dsink.data.sources import Split
 from dsink.errors import DsinkError
 from dsink.params import TrainParams
 
@@ -44,8 +44,9 @@ from dsink.params import TrainParams
 class Objective(Protocol):
     """A training loss over a batch. ``rows`` index the corrupted set (per-sample state, teacher logits)."""
 
-    def __call__(self, logits: torch.Tensor, labels: torch.Tensor, rows: torch.Tensor,
-                 epoch_progress: float) -> torch.Tensor: ...
+    def __call__(
+        self, logits: torch.Tensor, labels: torch.Tensor, rows: torch.Tensor, epoch_progress: float
+    ) -> torch.Tensor: ...
 
 
 @dataclass
@@ -186,11 +187,13 @@ def train(
     n = len(data)
     steps_per_epoch = math.ceil(math.ceil(n / rt.world_size) / local_bs)
     decay, no_decay = [], []
-    for name, prm in model.named_parameters():
+    for prm in model.parameters():
         (no_decay if prm.ndim <= 1 else decay).append(prm)
     opt = torch.optim.SGD(
         [{"params": decay, "weight_decay": p.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=p.lr, momentum=p.momentum, nesterov=p.momentum > 0,
+        lr=p.lr,
+        momentum=p.momentum,
+        nesterov=p.momentum > 0,
     )
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(p, steps_per_epoch))
     history: list[dict[str, float]] = []
@@ -226,7 +229,9 @@ def train(
         tot_hit = torch.zeros((), dtype=torch.float64, device=device)
         tot_n = torch.zeros((), dtype=torch.float64, device=device)
         batches = iterate(data, order, positions, local_bs)
-        for step, batch in enumerate(progress(batches, rt, total=steps_per_epoch, desc=f"{desc} {epoch + 1}/{p.epochs}")):
+        for step, batch in enumerate(
+            progress(batches, rt, total=steps_per_epoch, desc=f"{desc} {epoch + 1}/{p.epochs}")
+        ):
             x = normalizer(batch.images, device)
             if draws is not None:
                 dy, dx, flip = (d[batch.order_pos].to(device) for d in draws)
@@ -239,8 +244,10 @@ def train(
             logits = logits.float()
             loss = objective(logits, labels, batch.rows.to(device), epoch + step / steps_per_epoch)
             if not torch.isfinite(loss):
-                raise DsinkError(f"{desc}: loss became {loss.item()} at epoch {epoch + 1}, step {step}; "
-                                 "lower the learning rate")
+                raise DsinkError(
+                    f"{desc}: loss became {loss.item()} at epoch {epoch + 1}, step {step}; "
+                    "lower the learning rate"
+                )
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -311,9 +318,18 @@ def _log_epoch(live: Any, record: dict[str, float]) -> None:
 
 
 @torch.no_grad()
-def predict_logits(model: nn.Module, split: Split, ids: np.ndarray, normalizer: Normalizer, device: torch.device,
-                   batch_size: int = 512, channels_last: bool = False, bf16: bool = False,
-                   desc: str = "predict", rt: Runtime | None = None) -> np.ndarray:
+def predict_logits(
+    model: nn.Module,
+    split: Split,
+    ids: np.ndarray,
+    normalizer: Normalizer,
+    device: torch.device,
+    batch_size: int = 512,
+    channels_last: bool = False,
+    bf16: bool = False,
+    desc: str = "predict",
+    rt: Runtime | None = None,
+) -> np.ndarray:
     """Eval-mode logits (float32, (len(ids), C)) in the order of ``ids``, chunked so memory stays bounded."""
     model.eval()
     out: np.ndarray | None = None

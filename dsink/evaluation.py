@@ -32,11 +32,13 @@ def per_class_accuracy(pred: np.ndarray, labels: np.ndarray, num_classes: int) -
 def confusion_matrix(pred: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:
     """``M[true, predicted]`` counts."""
     return np.bincount(labels * num_classes + pred, minlength=num_classes * num_classes).reshape(
-        num_classes, num_classes)
+        num_classes, num_classes
+    )
 
 
-def shot_accuracy(pred: np.ndarray, labels: np.ndarray, train_counts: np.ndarray, many_threshold: int,
-                 few_threshold: int) -> dict[str, Any]:
+def shot_accuracy(
+    pred: np.ndarray, labels: np.ndarray, train_counts: np.ndarray, many_threshold: int, few_threshold: int
+) -> dict[str, Any]:
     """Top-1 and many/medium/few accuracy (sample-weighted within each group)."""
     pred = np.asarray(pred)
     labels = np.asarray(labels)
@@ -59,37 +61,12 @@ def label_repair(pred: np.ndarray, clean: np.ndarray, noisy: np.ndarray) -> dict
     }
 
 
-def epoch_tracker(corpus: Any, device: Any, batch_size: int) -> Any:
-    """A per-epoch callback for the engine: test top-1 and label repair on the training set.
-
-    Predictions are the argmax of raw logits everywhere (the model's own classification), as in
-    ``metrics/evaluate.json``.
-    """
-    import torch
-
-    from dsink.engine import predict_logits
-
-    test = corpus.source.test
-    test_ids = np.arange(len(test))
-    idx = corpus.index
-
-    def evaluate(model: torch.nn.Module) -> dict[str, float]:
-        zt = predict_logits(model, test, test_ids, corpus.normalizer, device, batch_size, desc="test")
-        ztr = predict_logits(model, corpus.source.train, idx.sample_id, corpus.normalizer, device, batch_size,
-                             desc="train")
-        record = {"test_top1": float((zt.argmax(1) == test.labels).mean())}
-        repair = label_repair(ztr.argmax(1), idx.clean_label, idx.noisy_label)
-        record.update({f"train_{k}": v for k, v in repair.items() if v is not None})
-        return record
-
-    return evaluate
-
-
 MODELS = ("dsink", "imbalance_teacher", "noise_teacher")
 
 
-def evaluate_models(logits: dict[str, Any], test_labels: np.ndarray, index: Any, many_threshold: int,
-                    few_threshold: int) -> tuple[dict[str, Any], dict[str, Any]]:
+def evaluate_models(
+    logits: dict[str, Any], test_labels: np.ndarray, index: Any, many_threshold: int, few_threshold: int
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """``metrics/evaluate.json`` content and the per-class / confusion tables for the plots.
 
     ``logits`` maps each name of :data:`MODELS` to a validated :class:`~dsink.artifacts.TeacherLogits`.
@@ -118,4 +95,8 @@ def evaluate_models(logits: dict[str, Any], test_labels: np.ndarray, index: Any,
         per_class_rows.append(row)
     groups = class_groups(counts, many_threshold, few_threshold)
     metrics["groups"] = {k: [int(c) for c in v] for k, v in groups.items()}
-    return metrics, {"per_class": per_class_rows, "confusion": confusion, "class_names": [str(n) for n in names]}
+    return metrics, {
+        "per_class": per_class_rows,
+        "confusion": confusion,
+        "class_names": [str(n) for n in names],
+    }

@@ -15,8 +15,11 @@ import numpy as np
 
 from dsink.artifacts import atomic_path
 
-LABELS = {"dsink": "D-SINK student", "imbalance_teacher": "imbalance teacher (f_L)",
-          "noise_teacher": "noise teacher (f_N)"}
+LABELS = {
+    "dsink": "D-SINK student",
+    "imbalance_teacher": "imbalance teacher (f_L)",
+    "noise_teacher": "noise teacher (f_N)",
+}
 
 
 def _plt() -> Any:
@@ -67,8 +70,15 @@ def confusion_figure(confusion: np.ndarray, class_names: list[str], path: Path) 
             for i in range(C):
                 for j in range(C):
                     if confusion[i, j]:
-                        ax.text(j, i, f"{norm[i, j]:.2f}", ha="center", va="center", fontsize=6,
-                                color="white" if norm[i, j] > 0.5 else "black")
+                        ax.text(
+                            j,
+                            i,
+                            f"{norm[i, j]:.2f}",
+                            ha="center",
+                            va="center",
+                            fontsize=6,
+                            color="white" if norm[i, j] > 0.5 else "black",
+                        )
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title("D-SINK student: confusion (row-normalised)")

@@ -26,8 +26,10 @@ def _reduce(per_sample: torch.Tensor, reduction: str) -> torch.Tensor:
 
 def _check_shapes(logits: torch.Tensor, target: torch.Tensor) -> None:
     if logits.ndim != 2 or target.shape != logits.shape[:1]:
-        raise ValueError(f"logits shape {tuple(logits.shape)} and target shape {tuple(target.shape)} do not "
-                         "match (expected (N, C) and (N,))")
+        raise ValueError(
+            f"logits shape {tuple(logits.shape)} and target shape {tuple(target.shape)} do not "
+            "match (expected (N, C) and (N,))"
+        )
 
 
 def cross_entropy(logits: torch.Tensor, target: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
@@ -35,8 +37,13 @@ def cross_entropy(logits: torch.Tensor, target: torch.Tensor, reduction: str = "
     return _reduce(F.cross_entropy(logits, target, reduction="none"), reduction)
 
 
-def logit_adjusted_ce(logits: torch.Tensor, target: torch.Tensor, log_prior: torch.Tensor, tau: float = 1.0,
-                      reduction: str = "mean") -> torch.Tensor:
+def logit_adjusted_ce(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    log_prior: torch.Tensor,
+    tau: float = 1.0,
+    reduction: str = "mean",
+) -> torch.Tensor:
     """Menon et al. (ICLR 2021): ``CE(logits + tau * log_prior, target)``; ``tau = 0`` is plain CE."""
     if tau < 0:
         raise ValueError(f"tau = {tau}; expected >= 0")
@@ -45,8 +52,9 @@ def logit_adjusted_ce(logits: torch.Tensor, target: torch.Tensor, log_prior: tor
     return cross_entropy(logits + tau * log_prior.to(logits.dtype), target, reduction)
 
 
-def balanced_softmax_ce(logits: torch.Tensor, target: torch.Tensor, log_prior: torch.Tensor,
-                        reduction: str = "mean") -> torch.Tensor:
+def balanced_softmax_ce(
+    logits: torch.Tensor, target: torch.Tensor, log_prior: torch.Tensor, reduction: str = "mean"
+) -> torch.Tensor:
     """Ren et al. (2020): the logit-adjusted loss with ``tau = 1``."""
     return logit_adjusted_ce(logits, target, log_prior, 1.0, reduction)
 
@@ -64,10 +72,14 @@ def gce(logits: torch.Tensor, target: torch.Tensor, q: float = 0.7, reduction: s
     return _reduce(-torch.expm1(q * log_py) / q, reduction)
 
 
-def soft_cross_entropy(logits: torch.Tensor, soft_targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+def soft_cross_entropy(
+    logits: torch.Tensor, soft_targets: torch.Tensor, reduction: str = "mean"
+) -> torch.Tensor:
     """``-sum_c q_c log softmax(logits)_c`` for target distributions ``q`` (rows)."""
     if soft_targets.shape != logits.shape:
-        raise ValueError(f"soft_targets shape {tuple(soft_targets.shape)} != logits shape {tuple(logits.shape)}")
+        raise ValueError(
+            f"soft_targets shape {tuple(soft_targets.shape)} != logits shape {tuple(logits.shape)}"
+        )
     return _reduce(-(soft_targets * F.log_softmax(logits, dim=1)).sum(1), reduction)
 
 

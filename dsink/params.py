@@ -285,8 +285,11 @@ def _check_cross_field(p: Params) -> None:
         raise _bad("data.noise.file", noise.file, "a path to a label file when data.noise.type is 'file'")
     if noise.type not in ("none", "file") and noise.rate == 0.0:
         pass  # a zero rate is a valid, clean run
-    for name, train in (("teachers.imbalance", p.teachers.imbalance), ("teachers.noise", p.teachers.noise),
-                        ("distill", p.distill)):
+    for name, train in (
+        ("teachers.imbalance", p.teachers.imbalance),
+        ("teachers.noise", p.teachers.noise),
+        ("distill", p.distill),
+    ):
         ms = train.milestones
         if not all(isinstance(m, int) and not isinstance(m, bool) and m >= 0 for m in ms):
             raise _bad(f"{name}.milestones", ms, "a list of non-negative integers (epochs)")
@@ -295,8 +298,11 @@ def _check_cross_field(p: Params) -> None:
         if train.warmup_epochs >= train.epochs and train.warmup_epochs > 0:
             raise _bad(f"{name}.warmup_epochs", train.warmup_epochs, f"fewer than epochs ({train.epochs})")
     if p.evaluate.few_threshold > p.evaluate.many_threshold:
-        raise _bad("evaluate.few_threshold", p.evaluate.few_threshold,
-                   f"<= evaluate.many_threshold ({p.evaluate.many_threshold})")
+        raise _bad(
+            "evaluate.few_threshold",
+            p.evaluate.few_threshold,
+            f"<= evaluate.many_threshold ({p.evaluate.many_threshold})",
+        )
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:

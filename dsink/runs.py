@@ -55,21 +55,32 @@ class Corpus:
     normalizer: Normalizer
 
     def training_set(self) -> TrainingSet:
-        return TrainingSet(self.source.train, self.index.sample_id, torch.from_numpy(self.index.noisy_label),
-                           self.source.name, self.source.image_size)
+        return TrainingSet(
+            self.source.train,
+            self.index.sample_id,
+            torch.from_numpy(self.index.noisy_label),
+            self.source.name,
+            self.source.image_size,
+        )
 
 
 def open_corpus(params: Params, corrupted_path: str | Path) -> Corpus:
     index = read_corrupted(corrupted_path)
     source = load_source(params.data)
     if index.dataset != source.name:
-        raise DsinkError(f"{corrupted_path} was made from dataset {index.dataset!r} but data.dataset is "
-                         f"{source.name!r}; rerun `dvc repro corrupt`")
+        raise DsinkError(
+            f"{corrupted_path} was made from dataset {index.dataset!r} but data.dataset is "
+            f"{source.name!r}; rerun `dvc repro corrupt`"
+        )
     if index.num_classes != source.num_classes:
-        raise DsinkError(f"{corrupted_path} has {index.num_classes} classes; dataset {source.name} has "
-                         f"{source.num_classes}")
+        raise DsinkError(
+            f"{corrupted_path} has {index.num_classes} classes; dataset {source.name} has "
+            f"{source.num_classes}"
+        )
     if index.sample_id.max() >= len(source.train) or index.sample_id.min() < 0:
-        raise DsinkError(f"{corrupted_path}: sample_id outside the source training set (0..{len(source.train) - 1})")
+        raise DsinkError(
+            f"{corrupted_path}: sample_id outside the source training set (0..{len(source.train) - 1})"
+        )
     return Corpus(source, index, Normalizer.for_source(source))
 
 

@@ -30,12 +30,15 @@ def _raise_interrupted(signum: int, _frame: object) -> None:
 def parser(description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--params", default="params.yaml", help="params file to read (default: %(default)s)")
-    p.add_argument("--debug", action="store_true", help="show the full traceback on errors (or DSINK_DEBUG=1)")
+    p.add_argument(
+        "--debug", action="store_true", help="show the full traceback on errors (or DSINK_DEBUG=1)"
+    )
     return p
 
 
-def run(main: Callable[[argparse.Namespace], None], p: argparse.ArgumentParser,
-        argv: Sequence[str] | None = None) -> None:
+def run(
+    main: Callable[[argparse.Namespace], None], p: argparse.ArgumentParser, argv: Sequence[str] | None = None
+) -> None:
     """Parse ``argv``, run ``main`` and turn user errors and signals into a clean exit."""
     from dsink.errors import DsinkError
 
@@ -52,6 +55,8 @@ def run(main: Callable[[argparse.Namespace], None], p: argparse.ArgumentParser,
         print(f"{name}: error: {exc}", file=sys.stderr)
         sys.exit(2)
     except Interrupted as exc:
-        print(f"{name}: stopped by {exc}; no output was written. Rerun to continue from the last "
-              "checkpoint.", file=sys.stderr)
+        print(
+            f"{name}: stopped by {exc}; no output was written. Rerun to continue from the last checkpoint.",
+            file=sys.stderr,
+        )
         sys.exit(128 + exc.signum)

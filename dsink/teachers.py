@@ -38,7 +38,9 @@ class _ImbalanceObjective:
     def __init__(self, method: str, lp: torch.Tensor, tau: float) -> None:
         self.method, self.lp, self.tau = method, lp, tau
 
-    def __call__(self, logits: torch.Tensor, labels: torch.Tensor, rows: torch.Tensor, progress: float) -> torch.Tensor:
+    def __call__(
+        self, logits: torch.Tensor, labels: torch.Tensor, rows: torch.Tensor, progress: float
+    ) -> torch.Tensor:
         lp = self.lp.to(logits.device)
         if self.method == "logit_adjustment":
             return losses.logit_adjusted_ce(logits, labels, lp, tau=self.tau)
@@ -50,10 +52,15 @@ class _ImbalanceObjective:
 class _NoiseObjective:
     def __init__(self, p: NoiseTeacherParams, forget_rate: float, num_samples: int, num_classes: int) -> None:
         self.p, self.forget_rate = p, forget_rate
-        self.elr = (losses.ELRLoss(num_samples, num_classes, beta=p.elr_beta, lam=p.elr_lambda)
-                    if p.method == "elr" else None)
+        self.elr = (
+            losses.ELRLoss(num_samples, num_classes, beta=p.elr_beta, lam=p.elr_lambda)
+            if p.method == "elr"
+            else None
+        )
 
-    def __call__(self, logits: torch.Tensor, labels: torch.Tensor, rows: torch.Tensor, progress: float) -> torch.Tensor:
+    def __call__(
+        self, logits: torch.Tensor, labels: torch.Tensor, rows: torch.Tensor, progress: float
+    ) -> torch.Tensor:
         m = self.p.method
         if m == "gce":
             return losses.gce(logits, labels, q=self.p.q)
@@ -86,37 +93,11 @@ def noise_recipe(p: NoiseTeacherParams, index: CorruptedIndex, noise_rate: float
     return TeacherRecipe(obj, obj.elr, zeros, "train")
 
 
-def recipe_for(role: str, p: ImbalanceTeacherParams | NoiseTeacherParams, index: CorruptedIndex,
-               noise_rate: float) -> TeacherRecipe:
+def recipe_for(
+    role: str, p: ImbalanceTeacherParams | NoiseTeacherParams, index: CorruptedIndex, noise_rate: float
+) -> TeacherRecipe:
     if role == "imbalance":
         assert isinstance(p, ImbalanceTeacherParams)
         return imbalance_recipe(p, index)
     assert isinstance(p, NoiseTeacherParams)
     return noise_recipe(p, index, noise_rate)
-
-
-def fit_teacher(params: Any, role: str, corrupted: str, model_out: str, live_dir: str | None) -> dict[str, Any]:
-    """Train the ``role`` teacher end to end (resuming when a checkpoint of the same run exists)."""
-    from dsink.evaluation import epoch_tracker
-    from dsink.engine import clear_checkpoint, save_state_dict, setup_runtime, teardown_runtime, train
-    from dsink.models import build_model
-    from dsink.runs import checkpoint_dir, open_corpus, stage_config
-
-    rt = setup_runtime()
-    try:
-        corpus = open_corpus(params, corrupted)
-        tp = getattr(params.teachers, role)
-        recipe = recipe_for(role, tp, corpus.index, float(corpus.index.meta.get("noise_rate", 0.0)))
-        torch.manual_seed(params.seed)
-        model = build_model(tp.model, corpus.index.num_classes, corpus.source.channels)
-        ckpt = checkpoint_dir(f"train_teacher-{role}", stage_config(params, "seed", "data", f"teachers.{role}"),
-                              [corrupted])
-        result = train(model, recipe.objective, corpus.training_set(), corpus.normalizer, tp, params.seed, rt,
-                       checkpoint_dir=ckpt, live_dir=live_dir, objective_state=recipe.state,
-                       evaluate=epoch_tracker(corpus, rt.device, 512) if tp.track_every else None, desc=f"teacher[{role}]")
-        if rt.is_main:
-            save_state_dict(result.model, model_out)
-            clear_checkpoint(ckpt)
-        return result.history[-1] if result.history else {}
-    finally:
-        teardown_runtime(rt)

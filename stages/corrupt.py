@@ -22,13 +22,17 @@ def main(args: argparse.Namespace) -> None:
     metrics = corrupt_metrics(idx)
     write_corrupted(args.out, idx)
     write_json(args.metrics, metrics)
-    print(f"corrupt: {metrics['num_samples']} samples kept, realised noise rate {metrics['noise_rate']:.4f}, "
-          f"imbalance ratio {metrics['imbalance_ratio']:.1f}")
+    print(
+        f"corrupt: {metrics['num_samples']} samples kept, realised noise rate {metrics['noise_rate']:.4f}, "
+        f"imbalance ratio {metrics['imbalance_ratio']:.1f}"
+    )
 
 
 def cli(argv: list[str] | None = None) -> None:
     p = stage.parser(__doc__)
-    p.add_argument("--out", default="data/corrupted/train.parquet", help="corrupted index (default: %(default)s)")
+    p.add_argument(
+        "--out", default="data/corrupted/train.parquet", help="corrupted index (default: %(default)s)"
+    )
     p.add_argument("--metrics", default="metrics/corrupt.json", help="metrics file (default: %(default)s)")
     stage.run(main, p, argv)
 

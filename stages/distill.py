@@ -17,8 +17,9 @@ def main(args: argparse.Namespace) -> None:
     from dsink.params import load_params
 
     params = load_params(args.params)
-    last = fit_student(params, args.corrupted, args.imbalance_logits, args.noise_logits, args.out,
-                       args.logits_out, args.live)
+    last = fit_student(
+        params, args.corrupted, args.imbalance_logits, args.noise_logits, args.out, args.logits_out, args.live
+    )
     if last:
         print(f"distill: test top-1 {last.get('test_top1', float('nan')):.4f} -> {args.out}")
 

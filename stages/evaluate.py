@@ -24,8 +24,11 @@ def main(args: argparse.Namespace) -> None:
     params = load_params(args.params)
     index = read_corrupted(args.corrupted)
     test_labels = load_source(params.data).test.labels
-    paths = {"dsink": args.student_logits, "imbalance_teacher": args.imbalance_logits,
-             "noise_teacher": args.noise_logits}
+    paths = {
+        "dsink": args.student_logits,
+        "imbalance_teacher": args.imbalance_logits,
+        "noise_teacher": args.noise_logits,
+    }
     logits = {name: read_logits(path, index, test_labels.size) for name, path in paths.items()}
     ep = params.evaluate
     metrics, tables = evaluate_models(logits, test_labels, index, ep.many_threshold, ep.few_threshold)
@@ -33,13 +36,20 @@ def main(args: argparse.Namespace) -> None:
     write_json(plots / "per_class.json", tables["per_class"])
     conf = tables["confusion"]
     names = tables["class_names"]
-    pairs = [{"actual": names[i], "predicted": names[j]}
-             for i in range(conf.shape[0]) for j in range(conf.shape[1]) for _ in range(int(conf[i, j]))]
+    pairs = [
+        {"actual": names[i], "predicted": names[j]}
+        for i in range(conf.shape[0])
+        for j in range(conf.shape[1])
+        for _ in range(int(conf[i, j]))
+    ]
     write_json(plots / "confusion.json", pairs)
     figures.per_class_figure(tables["per_class"], plots / "per_class.png")
     figures.confusion_figure(conf, names, plots / "confusion.png")
-    live = {"dsink": Path(args.live) / "student", "imbalance_teacher": Path(args.live) / "teacher_imbalance",
-            "noise_teacher": Path(args.live) / "teacher_noise"}
+    live = {
+        "dsink": Path(args.live) / "student",
+        "imbalance_teacher": Path(args.live) / "teacher_imbalance",
+        "noise_teacher": Path(args.live) / "teacher_noise",
+    }
     figures.curves_figure(live, plots / "curves.png")
     figures.corrected_figure(live, plots / "corrected.png")
     write_json(args.metrics, metrics)

@@ -14,7 +14,7 @@ from dsink import stage
 
 def main(args: argparse.Namespace) -> None:
     from dsink.params import load_params
-    from dsink.teachers import fit_teacher
+    from dsink.teacher_training import fit_teacher
 
     params = load_params(args.params)
     model_out = args.out or f"data/teachers/{args.role}/model.pt"

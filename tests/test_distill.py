@@ -15,8 +15,13 @@ from dsink.params import DistillParams, SinkhornParams
 
 def make_index(noisy: np.ndarray, C: int) -> CorruptedIndex:
     n = noisy.size
-    return CorruptedIndex(np.arange(n), noisy.copy(), noisy.copy(), np.zeros(n, bool),
-                          {"dataset": "synthetic", "num_classes": C})
+    return CorruptedIndex(
+        np.arange(n),
+        noisy.copy(),
+        noisy.copy(),
+        np.zeros(n, bool),
+        {"dataset": "synthetic", "num_classes": C},
+    )
 
 
 def test_train_space_offsets():

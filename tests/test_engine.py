@@ -70,8 +70,17 @@ def test_resume_after_interruption_gives_identical_weights(tmp_path):
 
     torch.manual_seed(0)
     with pytest.raises(Boom):
-        train(build_model("small_cnn", 3, 1), ce_objective, ts, norm, p, 0, rt, checkpoint_dir=ckpt,
-              on_epoch_start=die_at_epoch_2)
+        train(
+            build_model("small_cnn", 3, 1),
+            ce_objective,
+            ts,
+            norm,
+            p,
+            0,
+            rt,
+            checkpoint_dir=ckpt,
+            on_epoch_start=die_at_epoch_2,
+        )
     assert (ckpt / "last.pt").exists()
     state = torch.load(ckpt / "last.pt", weights_only=True)
     assert state["epoch"] == 1
@@ -135,8 +144,21 @@ def test_torchrun_two_processes_matches_single_process(tmp_path):
     single = tmp_path / "single.pt"
     double = tmp_path / "ddp.pt"
     subprocess.run([sys.executable, str(script), str(single)], check=True, env=env, cwd=ROOT, timeout=240)
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                    str(script), str(double)], check=True, env=env, cwd=ROOT, timeout=240)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            str(script),
+            str(double),
+        ],
+        check=True,
+        env=env,
+        cwd=ROOT,
+        timeout=240,
+    )
     a = torch.load(single, weights_only=True)
     b = torch.load(double, weights_only=True)
     # Same global batches and augmentation; only BatchNorm statistics are per rank (half batches), so the

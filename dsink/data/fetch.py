@@ -25,11 +25,18 @@ def _apt_install(package: str) -> bool:
         return False
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
     print(f"fetch: installing Debian package {package} with apt-get", file=sys.stderr)
-    ok = subprocess.run(["apt-get", "install", "-y", "-q", package], env=env, capture_output=True).returncode == 0
+    ok = (
+        subprocess.run(["apt-get", "install", "-y", "-q", package], env=env, capture_output=True).returncode
+        == 0
+    )
     if not ok:  # package lists may be empty on a fresh machine
         subprocess.run(["apt-get", "update", "-q"], env=env, capture_output=True)
-        ok = subprocess.run(["apt-get", "install", "-y", "-q", package], env=env,
-                            capture_output=True).returncode == 0
+        ok = (
+            subprocess.run(
+                ["apt-get", "install", "-y", "-q", package], env=env, capture_output=True
+            ).returncode
+            == 0
+        )
     return ok
 
 
@@ -45,7 +52,9 @@ def ensure_fashion_mnist(root: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--params", default="params.yaml", help="params file naming the dataset (default: %(default)s)")
+    p.add_argument(
+        "--params", default="params.yaml", help="params file naming the dataset (default: %(default)s)"
+    )
     args = p.parse_args(argv)
     try:
         data = load_params(args.params).data

@@ -25,7 +25,9 @@ def class_counts(profile: str, ratio: float, n_max: int, num_classes: int) -> np
     elif profile == "step":
         counts = np.where(ranks < num_classes // 2, float(n_max), n_max / ratio)
     else:
-        raise DsinkError(f"params.yaml: data.imbalance.profile = {profile!r} is invalid: expected exp, step or none")
+        raise DsinkError(
+            f"params.yaml: data.imbalance.profile = {profile!r} is invalid: expected exp, step or none"
+        )
     # Exactly the published formula; a class is never emptied (at least one sample), which only matters
     # when n_max / ratio < 1.
     return np.maximum(np.floor(counts).astype(np.int64), 1)
@@ -53,8 +55,9 @@ def subsample(labels: np.ndarray, per_class: np.ndarray, rng: np.random.Generato
     return np.sort(keep)
 
 
-def long_tail_indices(labels: np.ndarray, num_classes: int, profile: str, ratio: float, head: str,
-                      rng: np.random.Generator) -> np.ndarray:
+def long_tail_indices(
+    labels: np.ndarray, num_classes: int, profile: str, ratio: float, head: str, rng: np.random.Generator
+) -> np.ndarray:
     """Indices of the long-tailed subset of a training set with clean ``labels``.
 
     ``n_max`` is the smallest class size of the source, so every target count is attainable on a balanced

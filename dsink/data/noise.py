@@ -67,7 +67,9 @@ def random_pairs(num_classes: int, rng: np.random.Generator) -> dict[int, int]:
     return {int(cycle[i]): int(cycle[(i + 1) % num_classes]) for i in range(num_classes)}
 
 
-def pair_map_for(dataset: str, num_classes: int, rng: np.random.Generator, root: str | Path = "") -> dict[int, int]:
+def pair_map_for(
+    dataset: str, num_classes: int, rng: np.random.Generator, root: str | Path = ""
+) -> dict[int, int]:
     """The asymmetric pair map of ``dataset`` (documented above)."""
     if dataset == "cifar10":
         return dict(CIFAR10_PAIRS)
@@ -78,8 +80,15 @@ def pair_map_for(dataset: str, num_classes: int, rng: np.random.Generator, root:
     return random_pairs(num_classes, rng)
 
 
-def transition_matrix(noise_type: str, rate: float, num_classes: int, *, include_true: bool = False,
-                      pair_map: dict[int, int] | None = None, class_counts: np.ndarray | None = None) -> np.ndarray:
+def transition_matrix(
+    noise_type: str,
+    rate: float,
+    num_classes: int,
+    *,
+    include_true: bool = False,
+    pair_map: dict[int, int] | None = None,
+    class_counts: np.ndarray | None = None,
+) -> np.ndarray:
     """``T[i, j] = P(noisy = j | clean = i)`` of a synthetic noise model (rows sum to one)."""
     C = num_classes
     T = np.eye(C) * (1 - rate)
@@ -119,8 +128,16 @@ def _draw_from_rows(probs: np.ndarray, rows: np.ndarray, rng: np.random.Generato
     return np.minimum(out, probs.shape[1] - 1)
 
 
-def inject(clean: np.ndarray, noise_type: str, rate: float, num_classes: int, rng: np.random.Generator, *,
-           include_true: bool = False, pair_map: dict[int, int] | None = None) -> np.ndarray:
+def inject(
+    clean: np.ndarray,
+    noise_type: str,
+    rate: float,
+    num_classes: int,
+    rng: np.random.Generator,
+    *,
+    include_true: bool = False,
+    pair_map: dict[int, int] | None = None,
+) -> np.ndarray:
     """Noisy labels for clean labels ``clean`` under a synthetic noise model (seeded by ``rng``)."""
     clean = np.asarray(clean, dtype=np.int64)
     C = num_classes
@@ -181,8 +198,13 @@ def read_label_file(path: str | Path, key: str | None, expected_length: int, num
 
             table = pq.read_table(path)
             names = table.column_names
-            col = key if key in names else ("noisy_label" if "noisy_label" in names else
-                                            ("label" if "label" in names else names[-1]))
+            col = (
+                key
+                if key in names
+                else (
+                    "noisy_label" if "noisy_label" in names else ("label" if "label" in names else names[-1])
+                )
+            )
             labels = table.column(col).to_numpy()
         elif suffix == ".pt":
             import torch
@@ -196,7 +218,9 @@ def read_label_file(path: str | Path, key: str | None, expected_length: int, num
                 )
             labels = np.asarray(obj[key])
         else:
-            raise DsinkError(f"{where}: unsupported extension {suffix!r}; expected .npy, .csv, .parquet or .pt")
+            raise DsinkError(
+                f"{where}: unsupported extension {suffix!r}; expected .npy, .csv, .parquet or .pt"
+            )
     except DsinkError:
         raise
     except Exception as exc:  # any parse failure of a user file becomes one clear line

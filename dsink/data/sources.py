@@ -117,7 +117,9 @@ def _fashion_mnist(p: DataParams) -> Source:
         tr = FashionMNIST(p.root, train=True, download=p.download)
         te = FashionMNIST(p.root, train=False, download=p.download)
     except (RuntimeError, OSError, ValueError, IndexError) as exc:
-        raise DsinkError(f"dataset fashion_mnist under {raw} could not be read ({exc}): {FASHION_MNIST_HELP}")
+        raise DsinkError(
+            f"dataset fashion_mnist under {raw} could not be read ({exc}): {FASHION_MNIST_HELP}"
+        ) from exc
     return Source(
         name="fashion_mnist",
         class_names=list(tr.classes),
@@ -142,7 +144,9 @@ def _cifar(p: DataParams, which: str) -> Source:
         tr = cls(p.root, train=True, download=p.download)
         te = cls(p.root, train=False, download=p.download)
     except (RuntimeError, OSError, ValueError, EOFError) as exc:
-        raise DsinkError(f"dataset {which} under {folder} could not be read ({exc}); re-extract the archive")
+        raise DsinkError(
+            f"dataset {which} under {folder} could not be read ({exc}); re-extract the archive"
+        ) from exc
     return Source(
         name=which,
         class_names=list(tr.classes),
@@ -168,7 +172,7 @@ def _image_folder(p: DataParams) -> Source:
         try:
             splits[split] = ImageFolder(str(folder))
         except (FileNotFoundError, RuntimeError) as exc:
-            raise DsinkError(f"dataset image_folder: {folder} has no images ({exc})")
+            raise DsinkError(f"dataset image_folder: {folder} has no images ({exc})") from exc
     if splits["train"].classes != splits["test"].classes:
         raise DsinkError(
             f"dataset image_folder: class folders differ between {p.root}/train and {p.root}/test"
@@ -205,8 +209,14 @@ def _image_folder(p: DataParams) -> Source:
     )
 
 
-def synthetic(num_classes: int, image_size: int, channels: int, train_per_class: int,
-              test_per_class: int, seed: int = 12345) -> Source:
+def synthetic(
+    num_classes: int,
+    image_size: int,
+    channels: int,
+    train_per_class: int,
+    test_per_class: int,
+    seed: int = 12345,
+) -> Source:
     """A seeded, learnable toy image set: each class is a smooth random prototype plus pixel noise.
 
     Used by tests only. The seed is fixed by default (not the pipeline seed) so the *data* stays the same

@@ -50,8 +50,10 @@ def crop_pad(dataset: str, image_size: tuple[int, int]) -> int:
     return max(1, int(round(frac * min(image_size))))
 
 
-def augment(x: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, flip: torch.Tensor, pad: int) -> torch.Tensor:
-    """Random-crop (zero padding ``pad``, offsets ``dy``/``dx`` in [0, 2*pad]) and flip a (B, C, H, W) batch."""
+def augment(
+    x: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, flip: torch.Tensor, pad: int
+) -> torch.Tensor:
+    """Random-crop (zero padding ``pad``, offsets ``dy``/``dx`` in [0, 2*pad]) and flip a (B,C,H,W) batch."""
     B, C, H, W = x.shape
     padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
     rows = (torch.arange(H, device=x.device).view(1, H) + dy.view(B, 1)).view(B, 1, H, 1)

@@ -30,7 +30,9 @@ class BasicBlock(nn.Module):
 class ResNet32(nn.Module):
     def __init__(self, num_classes: int, in_channels: int = 3, blocks_per_stage: int = 5) -> None:
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(in_channels, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
+        self.stem = nn.Sequential(
+            nn.Conv2d(in_channels, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU()
+        )
         layers: list[nn.Module] = []
         cin = 16
         for i, width in enumerate((16, 32, 64)):

@@ -12,7 +12,9 @@ from torch import nn
 
 
 def _block(cin: int, cout: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)
+    )
 
 
 class SmallCNN(nn.Module):
@@ -21,10 +23,13 @@ class SmallCNN(nn.Module):
     def __init__(self, num_classes: int, in_channels: int = 1) -> None:
         super().__init__()
         self.features = nn.Sequential(
-            _block(in_channels, 32), nn.MaxPool2d(2, ceil_mode=True),
-            _block(32, 64), nn.MaxPool2d(2, ceil_mode=True),
+            _block(in_channels, 32),
+            nn.MaxPool2d(2, ceil_mode=True),
+            _block(32, 64),
+            nn.MaxPool2d(2, ceil_mode=True),
             _block(64, 128),
-            nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
         )
         self.head = nn.Sequential(nn.Linear(128, 128), nn.ReLU(inplace=True), nn.Linear(128, num_classes))
 

@@ -20,16 +20,31 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 DVC = str(Path(sys.executable).with_name("dvc"))
-ALL_STAGES = {"corrupt", "train_teacher@imbalance", "train_teacher@noise", "dump_logits@imbalance",
-              "dump_logits@noise", "distill", "evaluate"}
+ALL_STAGES = {
+    "corrupt",
+    "train_teacher@imbalance",
+    "train_teacher@noise",
+    "dump_logits@imbalance",
+    "dump_logits@noise",
+    "distill",
+    "evaluate",
+}
 
 pytestmark = pytest.mark.timeout(900)
 
 
 def copy_repo(dest: Path) -> Path:
     """The working tree as git sees it (tracked + untracked, not ignored), as a fresh git + DVC repo."""
-    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=ROOT,
-                           check=True, capture_output=True).stdout.decode().split("\0")
+    files = (
+        subprocess.run(
+            ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
+            cwd=ROOT,
+            check=True,
+            capture_output=True,
+        )
+        .stdout.decode()
+        .split("\0")
+    )
     for rel in filter(None, files):
         src = ROOT / rel
         if not src.is_file() or rel.startswith(("tests/", "bench/")):
@@ -37,7 +52,9 @@ def copy_repo(dest: Path) -> Path:
         (dest / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(src, dest / rel)
     for sub in (".dvc",):
-        shutil.copytree(ROOT / sub, dest / sub, dirs_exist_ok=True, ignore=shutil.ignore_patterns("tmp", "cache"))
+        shutil.copytree(
+            ROOT / sub, dest / sub, dirs_exist_ok=True, ignore=shutil.ignore_patterns("tmp", "cache")
+        )
     return dest
 
 
@@ -53,8 +70,15 @@ def tiny_params(path: Path, epochs: int = 2) -> None:
 
 
 def env() -> dict[str, str]:
-    return dict(os.environ, DSINK_PYTHON=sys.executable, TQDM_DISABLE="1", GIT_AUTHOR_NAME="t",
-                GIT_AUTHOR_EMAIL="t@t.invalid", GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t.invalid")
+    return dict(
+        os.environ,
+        DSINK_PYTHON=sys.executable,
+        TQDM_DISABLE="1",
+        GIT_AUTHOR_NAME="t",
+        GIT_AUTHOR_EMAIL="t@t.invalid",
+        GIT_COMMITTER_NAME="t",
+        GIT_COMMITTER_EMAIL="t@t.invalid",
+    )
 
 
 def run(cmd: list[str], cwd: Path) -> str:
