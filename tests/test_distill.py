@@ -153,4 +153,6 @@ def test_surrogate_labels_beat_both_teachers_on_a_long_tailed_noisy_set():
     acc_l = float((imb_logits.argmax(1) == y).mean())
     assert acc_q > max(acc_n, acc_l) + 0.02, (acc_q, acc_n, acc_l)
     # and the tail is recovered: q's class totals follow f_L, not f_N's head bias
-    assert abs(float(q[:, 4].sum()) - float(torch.softmax(torch.from_numpy(imb_logits), 1)[:, 4].sum())) < 1e-2
+    assert (
+        abs(float(q[:, 4].sum()) - float(torch.softmax(torch.from_numpy(imb_logits), 1)[:, 4].sum())) < 1e-2
+    )
