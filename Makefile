@@ -39,3 +39,6 @@ lint: setup
 
 clean-venv:
 	rm -rf $(VENV)
+
+report: setup
+	$(PY) -m dsink.report --out report.html

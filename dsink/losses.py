@@ -1,40 +1,86 @@
-"""Classification losses on raw logits: plain, logit-adjusted, balanced-softmax, GCE, soft-label CE,
-small-loss selection and ELR.
+"""Classification losses on raw logits ``(N, C)`` and int64 targets ``(N,)``, plus small-loss selection
+and early-learning regularisation. Pure functions (``ELRLoss`` aside); ``reduction`` is ``"mean"``
+(default) or ``"none"`` (per-sample, shape ``(N,)``). Half / bfloat16 logits (autocast) are upcast to
+float32 before the softmax.
 
-Which prior a model's raw logits are under after training (this matters to ``distill``):
+Which prior a model's **raw** logits are under after training with each loss (``distill`` needs this
+to put every teacher's probabilities in one space):
 
-- ``cross_entropy`` and ``gce`` on long-tailed labels: *training-prior* posteriors (head classes favoured);
-- ``logit_adjusted_ce`` with ``tau = 1`` and ``balanced_softmax_ce``: the raw logits estimate the *balanced*
-  posterior; ``raw + tau * log(prior)`` is the training-prior logit.
+======================================  ==========================================================
+loss                                    ``softmax(raw logits)`` estimates
+======================================  ==========================================================
+``cross_entropy``                       the *training-prior* posterior p_train(y|x) (head favoured)
+``gce`` (any q), small-loss CE, ELR     the *training-prior* posterior (they only fight noise)
+``logit_adjusted_ce`` with ``tau = 1``  the *balanced* posterior p_bal(y|x) (uniform class prior)
+``balanced_softmax_ce``                 the *balanced* posterior (it is LA with ``tau = 1``)
+``logit_adjusted_ce``, general ``tau``  ``raw + tau * log_prior`` is the training-prior logit; for
+                                        ``tau = 0`` raw logits are training-prior, for ``tau = 1``
+                                        balanced, in between a tempered mix
+``soft_cross_entropy``                  whatever space its soft targets are in
+======================================  ==========================================================
+
+Conversion: ``raw + log_prior`` (balanced -> training prior), ``raw - log_prior`` (training -> balanced),
+up to a per-row constant that the softmax ignores.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
 
+_REDUCTIONS = ("mean", "none")
+
+
+# --------------------------------------------------------------------------------------------- helpers
+
+
+def _check_reduction(reduction: str) -> None:
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction = {reduction!r}; expected one of {_REDUCTIONS}")
+
 
 def _reduce(per_sample: torch.Tensor, reduction: str) -> torch.Tensor:
-    if reduction == "mean":
-        return per_sample.mean()
-    if reduction == "none":
-        return per_sample
-    raise ValueError(f"reduction = {reduction!r}; expected 'mean' or 'none'")
+    return per_sample.mean() if reduction == "mean" else per_sample
 
 
-def _check_shapes(logits: torch.Tensor, target: torch.Tensor) -> None:
-    if logits.ndim != 2 or target.shape != logits.shape[:1]:
+def _float_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Logits in at least float32 (differentiable upcast of half / bfloat16 autocast outputs)."""
+    if not logits.is_floating_point():
+        raise ValueError(f"logits dtype = {logits.dtype}; expected a floating-point tensor")
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        return logits.float()
+    return logits
+
+
+def _check_logits_target(logits: torch.Tensor, target: torch.Tensor) -> None:
+    if logits.ndim != 2:
+        raise ValueError(f"logits shape = {tuple(logits.shape)}; expected (N, C)")
+    if target.shape != logits.shape[:1]:
         raise ValueError(
-            f"logits shape {tuple(logits.shape)} and target shape {tuple(target.shape)} do not "
-            "match (expected (N, C) and (N,))"
+            f"target shape = {tuple(target.shape)}; expected ({logits.shape[0]},) to match logits "
+            f"shape {tuple(logits.shape)}"
         )
+    if target.dtype.is_floating_point or target.dtype.is_complex or target.dtype == torch.bool:
+        raise ValueError(f"target dtype = {target.dtype}; expected integer class indices (int64)")
+
+
+def _log_softmax_at(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """``log softmax(logits)[i, target_i]`` per row, shape (N,)."""
+    return F.log_softmax(logits, dim=1).gather(1, target.long().unsqueeze(1)).squeeze(1)
+
+
+# ----------------------------------------------------------------------------------------------- losses
 
 
 def cross_entropy(logits: torch.Tensor, target: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-    _check_shapes(logits, target)
-    return _reduce(F.cross_entropy(logits, target, reduction="none"), reduction)
+    """Plain softmax cross-entropy ``-log softmax(logits)_y``; gradient ``softmax - onehot``."""
+    _check_reduction(reduction)
+    _check_logits_target(logits, target)
+    z = _float_logits(logits)
+    return F.cross_entropy(z, target.long(), reduction="none" if reduction == "none" else "mean")
 
 
 def logit_adjusted_ce(
@@ -44,95 +90,168 @@ def logit_adjusted_ce(
     tau: float = 1.0,
     reduction: str = "mean",
 ) -> torch.Tensor:
-    """Menon et al. (ICLR 2021): ``CE(logits + tau * log_prior, target)``; ``tau = 0`` is plain CE."""
-    if tau < 0:
-        raise ValueError(f"tau = {tau}; expected >= 0")
+    """Logit-adjusted loss (Menon et al., ICLR 2021): ``CE(logits + tau * log_prior, target)``.
+
+    ``log_prior`` (C,) is the log of the training class frequencies (finite: smooth zero counts).
+    With ``tau = 1`` the raw logits estimate the balanced posterior; ``tau = 0`` is exactly plain CE.
+    """
+    if not (math.isfinite(tau) and tau >= 0):
+        raise ValueError(f"tau = {tau!r}; expected a finite number >= 0")
+    _check_reduction(reduction)
+    _check_logits_target(logits, target)
     if log_prior.shape != logits.shape[1:]:
-        raise ValueError(f"log_prior shape {tuple(log_prior.shape)}; expected ({logits.shape[1]},)")
-    return cross_entropy(logits + tau * log_prior.to(logits.dtype), target, reduction)
+        raise ValueError(
+            f"log_prior shape = {tuple(log_prior.shape)}; expected ({logits.shape[1]},) to match logits"
+        )
+    if tau == 0:
+        return cross_entropy(logits, target, reduction)
+    if not torch.isfinite(log_prior).all():
+        raise ValueError("log_prior has non-finite entries (a class with zero count?); smooth the counts")
+    z = _float_logits(logits)
+    return cross_entropy(z + tau * log_prior.to(device=z.device, dtype=z.dtype), target, reduction)
 
 
 def balanced_softmax_ce(
     logits: torch.Tensor, target: torch.Tensor, log_prior: torch.Tensor, reduction: str = "mean"
 ) -> torch.Tensor:
-    """Ren et al. (2020): the logit-adjusted loss with ``tau = 1``."""
-    return logit_adjusted_ce(logits, target, log_prior, 1.0, reduction)
+    """Balanced softmax (Ren et al., NeurIPS 2020): the logit-adjusted loss with ``tau = 1``."""
+    return logit_adjusted_ce(logits, target, log_prior, tau=1.0, reduction=reduction)
 
 
 def gce(logits: torch.Tensor, target: torch.Tensor, q: float = 0.7, reduction: str = "mean") -> torch.Tensor:
-    """Generalized cross-entropy (Zhang & Sabuncu 2018): ``(1 - p_y^q) / q``; q -> 0 is CE, q = 1 is MAE.
+    """Generalized cross-entropy (Zhang & Sabuncu, NeurIPS 2018): ``(1 - p_y^q) / q`` with ``0 < q <= 1``.
 
-    ``p_y^q`` is computed as ``exp(q * log p_y)`` from ``log_softmax`` (no underflow to 0/0).
+    ``q -> 0`` tends to CE, ``q = 1`` is the MAE-like ``1 - p_y``. Computed from ``log_softmax`` as
+    ``-expm1(q * log p_y) / q`` so it neither underflows for tiny ``p_y`` nor cancels for tiny ``q``.
+    Gradient w.r.t. the logits: ``-p_y^q (onehot - softmax)``, i.e. CE's gradient weighted by ``p_y^q``.
     """
     if not 0 < q <= 1:
-        raise ValueError(f"q = {q}; expected 0 < q <= 1")
-    _check_shapes(logits, target)
-    log_py = F.log_softmax(logits, dim=1).gather(1, target.view(-1, 1)).squeeze(1)
-    # -expm1(q * log p) / q == (1 - p^q) / q, accurate for small q (the CE limit)
+        raise ValueError(f"q = {q!r}; expected 0 < q <= 1")
+    _check_reduction(reduction)
+    _check_logits_target(logits, target)
+    log_py = _log_softmax_at(_float_logits(logits), target)
     return _reduce(-torch.expm1(q * log_py) / q, reduction)
 
 
 def soft_cross_entropy(
     logits: torch.Tensor, soft_targets: torch.Tensor, reduction: str = "mean"
 ) -> torch.Tensor:
-    """``-sum_c q_c log softmax(logits)_c`` for target distributions ``q`` (rows)."""
+    """``-sum_c t_c log softmax(logits)_c`` for target distributions ``t`` (rows of ``soft_targets``).
+
+    Gradient w.r.t. the logits: ``softmax - t`` (for rows summing to 1). Targets are not detached.
+    """
+    _check_reduction(reduction)
+    if logits.ndim != 2:
+        raise ValueError(f"logits shape = {tuple(logits.shape)}; expected (N, C)")
     if soft_targets.shape != logits.shape:
         raise ValueError(
-            f"soft_targets shape {tuple(soft_targets.shape)} != logits shape {tuple(logits.shape)}"
+            f"soft_targets shape = {tuple(soft_targets.shape)}; expected {tuple(logits.shape)} like logits"
         )
-    return _reduce(-(soft_targets * F.log_softmax(logits, dim=1)).sum(1), reduction)
+    logp = F.log_softmax(_float_logits(logits), dim=1)
+    return _reduce(-(soft_targets.to(logp.dtype) * logp).sum(dim=1), reduction)
 
 
-def small_loss_keep_fraction(epoch: float, forget_rate: float, ramp_epochs: int) -> float:
-    """Han et al. (2018) schedule: keep ``1 - forget_rate * min(1, epoch / ramp_epochs)`` of each batch."""
+# ---------------------------------------------------------------------------------- small-loss selection
+
+
+def small_loss_keep_fraction(epoch: float, forget_rate: float, ramp_epochs: float) -> float:
+    """Co-teaching schedule (Han et al., NeurIPS 2018): ``1 - forget_rate * min(1, epoch / ramp_epochs)``.
+
+    ``epoch`` is 0-based (fractional progress allowed); ``ramp_epochs = 0`` forgets the full rate at once.
+    """
     if not 0 <= forget_rate < 1:
-        raise ValueError(f"forget_rate = {forget_rate}; expected 0 <= forget_rate < 1")
-    ramp = 1.0 if ramp_epochs <= 0 else min(1.0, epoch / ramp_epochs)
+        raise ValueError(f"forget_rate = {forget_rate!r}; expected 0 <= forget_rate < 1")
+    if not epoch >= 0:
+        raise ValueError(f"epoch = {epoch!r}; expected >= 0")
+    if not ramp_epochs >= 0:
+        raise ValueError(f"ramp_epochs = {ramp_epochs!r}; expected >= 0")
+    ramp = 1.0 if ramp_epochs == 0 else min(1.0, epoch / ramp_epochs)
     return 1.0 - forget_rate * ramp
 
 
 def small_loss_keep_mask(per_sample_loss: torch.Tensor, keep_fraction: float) -> torch.Tensor:
-    """Boolean mask of the ``ceil(keep_fraction * N)`` (>= 1) smallest losses; ties go to the lower index."""
+    """Boolean (N,) mask keeping the ``ceil(keep_fraction * N)`` (at least 1) smallest losses.
+
+    Deterministic: equal losses are ranked by index (lower index kept first); NaN losses rank last.
+    """
     if not 0 < keep_fraction <= 1:
-        raise ValueError(f"keep_fraction = {keep_fraction}; expected 0 < keep_fraction <= 1")
+        raise ValueError(f"keep_fraction = {keep_fraction!r}; expected 0 < keep_fraction <= 1")
+    if per_sample_loss.ndim != 1:
+        raise ValueError(f"per_sample_loss shape = {tuple(per_sample_loss.shape)}; expected (N,)")
     n = per_sample_loss.numel()
-    k = max(1, math.ceil(keep_fraction * n - 1e-9))
+    # the epsilon keeps e.g. 0.6 * 5 = 3.0000000000000004 at 3
+    k = min(n, max(1, math.ceil(keep_fraction * n - 1e-9)))
     order = torch.sort(per_sample_loss.detach(), stable=True).indices
     mask = torch.zeros(n, dtype=torch.bool, device=per_sample_loss.device)
     mask[order[:k]] = True
     return mask
 
 
-class ELRLoss:
-    """Early-learning regularisation (Liu et al. 2020): ``CE + lam * mean(log(1 - <t_i, p_i>))``.
+# ------------------------------------------------------------------------------------------------- ELR
 
-    ``t_i`` is a running average of the model's own (detached) predictions for sample ``i``: the model is
-    pulled towards what it predicted early, before it memorised the wrong labels.
+
+class ELRLoss:
+    """Early-learning regularisation (Liu et al., NeurIPS 2020): ``CE + lam * mean_i log(1 - <t_i, p_i>)``.
+
+    ``t_i`` is a per-sample running average of the model's own detached predictions,
+    ``t_i <- beta * t_i + (1 - beta) * p_i`` with ``p`` clamped to ``[1e-4, 1 - 1e-4]`` and renormalised;
+    it is updated *before* the loss is computed, as in the reference code. Minimising ``log(1 - <t, p>)``
+    keeps the model close to what it predicted early, before it memorised wrong labels. The raw logits
+    stay in the training-prior space.
+
+    The buffer (``num_samples, num_classes``, float32) follows the logits' device on first use;
+    :meth:`state_dict` / :meth:`load_state_dict` let a training loop checkpoint it.
     """
 
+    CLAMP = 1e-4
+
     def __init__(self, num_samples: int, num_classes: int, beta: float = 0.7, lam: float = 3.0) -> None:
+        if num_samples < 1:
+            raise ValueError(f"num_samples = {num_samples!r}; expected >= 1")
+        if num_classes < 2:
+            raise ValueError(f"num_classes = {num_classes!r}; expected >= 2")
         if not 0 <= beta < 1:
-            raise ValueError(f"beta = {beta}; expected 0 <= beta < 1")
-        if lam < 0:
-            raise ValueError(f"lam = {lam}; expected >= 0")
-        self.beta, self.lam = beta, lam
-        self.target = torch.zeros(num_samples, num_classes)
+            raise ValueError(f"beta = {beta!r}; expected 0 <= beta < 1")
+        if not (math.isfinite(lam) and lam >= 0):
+            raise ValueError(f"lam = {lam!r}; expected a finite number >= 0")
+        self.beta, self.lam = float(beta), float(lam)
+        self.target = torch.zeros(num_samples, num_classes, dtype=torch.float32)
 
     def __call__(self, logits: torch.Tensor, target: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        _check_shapes(logits, target)
-        p = torch.softmax(logits, dim=1).clamp(1e-4, 1 - 1e-4)
+        _check_logits_target(logits, target)
+        if logits.shape[1] != self.target.shape[1]:
+            c = self.target.shape[1]
+            raise ValueError(f"logits have {logits.shape[1]} classes; ELR was built for num_classes = {c}")
+        if index.shape != target.shape or index.dtype.is_floating_point:
+            raise ValueError(
+                f"index shape = {tuple(index.shape)}, dtype = {index.dtype}; expected integer (N,)"
+            )
+        n_samples = self.target.shape[0]
+        if index.numel() and (int(index.min()) < 0 or int(index.max()) >= n_samples):
+            lo, hi = int(index.min()), int(index.max())
+            raise ValueError(f"index values span {lo}..{hi}; expected within [0, {n_samples})")
+        if self.target.device != logits.device:
+            self.target = self.target.to(logits.device)
+        idx = index.long().to(logits.device)
+
+        z = _float_logits(logits)
+        p = torch.softmax(z, dim=1).clamp(self.CLAMP, 1 - self.CLAMP)
         with torch.no_grad():
-            pd = (p / p.sum(1, keepdim=True)).detach().to(self.target.dtype).cpu()
-            idx = index.cpu()
-            self.target[idx] = self.beta * self.target[idx] + (1 - self.beta) * pd
-        t = self.target[index.cpu()].to(logits.device, logits.dtype)
-        reg = torch.log(1 - (t * p).sum(1)).mean()
-        return F.cross_entropy(logits, target) + self.lam * reg
+            p_d = p.detach().to(self.target.dtype)
+            p_d = p_d / p_d.sum(dim=1, keepdim=True)
+            self.target[idx] = self.beta * self.target[idx] + (1 - self.beta) * p_d
+        t = self.target[idx].to(p.dtype)
+        reg = torch.log1p(-(t * p).sum(dim=1)).mean()
+        return F.cross_entropy(z, target.long()) + self.lam * reg
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {"target": self.target.clone()}
+        return {"target": self.target.detach().cpu().clone()}
 
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        if state["target"].shape != self.target.shape:
-            raise ValueError(f"ELR state shape {tuple(state['target'].shape)} != {tuple(self.target.shape)}")
-        self.target = state["target"].clone()
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        if "target" not in state:
+            raise ValueError(f"ELR state keys = {sorted(state)}; expected 'target'")
+        t = state["target"]
+        if tuple(t.shape) != tuple(self.target.shape):
+            want = tuple(self.target.shape)
+            raise ValueError(f"ELR state target shape = {tuple(t.shape)}; expected {want}")
+        self.target = t.detach().to(device=self.target.device, dtype=torch.float32).clone()

@@ -1,8 +1,13 @@
 """A small CNN sized for 28x28 greyscale images (Fashion-MNIST) that trains fast on a 2-core CPU.
 
-Downsampling early keeps it at ~7.5 M multiply-adds per 28x28 image (about 0.1 M parameters), so an epoch of
-Fashion-MNIST-LT takes seconds on a CPU. Global average pooling makes it work for any image size >= 4x4 and
-any channel count.
+    conv3x3(32)-BN-ReLU - maxpool2 - conv3x3(64)-BN-ReLU - maxpool2 - conv3x3(128)-BN-ReLU
+    - global avgpool - linear(128 -> 128) - ReLU - linear(128 -> num_classes)
+
+About 0.11 M parameters (1 input channel, 10 classes) and ~7.5 M multiply-adds (~0.015 GFLOP) per 28x28
+image; no dropout. Pooling early (one conv per resolution) costs 2.4x less compute than the
+double-conv-per-stage variant ([conv32 x2]-pool-[conv64 x2]-pool, ~18 M MACs), which matters on a
+2-core CPU. Max-pooling uses ``ceil_mode`` and the features are globally average-pooled, so it works
+for any image size and channel count.
 """
 
 from __future__ import annotations
@@ -11,23 +16,23 @@ import torch
 from torch import nn
 
 
-def _block(cin: int, cout: int) -> nn.Sequential:
+def _conv_bn_relu(cin: int, cout: int) -> nn.Sequential:
     return nn.Sequential(
         nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)
     )
 
 
 class SmallCNN(nn.Module):
-    """conv32-pool-conv64-pool-conv128-GAP-fc128-fc."""
+    """conv32-pool-conv64-pool-conv128-GAP, then a 128-unit MLP head; returns raw logits."""
 
     def __init__(self, num_classes: int, in_channels: int = 1) -> None:
         super().__init__()
         self.features = nn.Sequential(
-            _block(in_channels, 32),
+            _conv_bn_relu(in_channels, 32),
             nn.MaxPool2d(2, ceil_mode=True),
-            _block(32, 64),
+            _conv_bn_relu(32, 64),
             nn.MaxPool2d(2, ceil_mode=True),
-            _block(64, 128),
+            _conv_bn_relu(64, 128),
             nn.AdaptiveAvgPool2d(1),
             nn.Flatten(),
         )
