@@ -76,6 +76,11 @@ class DsinkObjective:
         # which would make the raw (balanced) argmax predict it everywhere
         prior = (counts + 1.0) / (n + counts.numel())
         self.student_offset = (p.tau * torch.log(prior)).float()
+        # The base loss's targets are the noisy labels, whose class marginal is the noisy-label prior: each
+        # term adjusts the raw (balanced) logits by the prior of its own targets, so both agree on what
+        # "balanced" means even when q's class totals (e.g. `class_totals: hard`) differ from the labels'.
+        noisy_counts = torch.from_numpy(np.asarray(noisy_prior, dtype=np.float64)) * n
+        self.base_offset = (p.tau * torch.log((noisy_counts + 1.0) / (n + noisy_counts.numel()))).float()
         self.dataset_q: torch.Tensor | None = None  # (N, C) surrogate labels, dataset scope
         self.last_sinkhorn: dict[str, float] = {}
 
@@ -112,7 +117,7 @@ class DsinkObjective:
         q = self.targets(z_train, rows)
         loss = self.alpha(progress) * losses.soft_cross_entropy(z_train, q)
         if self.p.base_loss == "logit_adjusted":
-            loss = loss + losses.cross_entropy(z_train, labels)
+            loss = loss + losses.cross_entropy(logits + self.base_offset.to(logits.device), labels)
         elif self.p.base_loss == "ce":
             loss = loss + losses.cross_entropy(logits, labels)
         return loss

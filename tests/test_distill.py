@@ -87,7 +87,7 @@ def test_loss_gradient_matches_closed_form(base):
         onehot = F.one_hot(labels, C).float()
         expected = 0.7 * (torch.softmax(zt, 1) - q) / N
         if base == "logit_adjusted":
-            expected += (torch.softmax(zt, 1) - onehot) / N
+            expected += (torch.softmax(z + obj.base_offset, 1) - onehot) / N
         elif base == "ce":
             expected += (torch.softmax(z, 1) - onehot) / N
     assert torch.allclose(z.grad, expected, atol=1e-6)
@@ -114,6 +114,12 @@ def test_dataset_scope_equals_batch_scope_on_the_whole_set():
     q_b = obj_b.targets(obj_b.train_logits(torch.from_numpy(raw)), rows)
     q_d = obj_d.targets(torch.zeros(50, 4), rows)  # dataset scope ignores the batch logits
     assert torch.allclose(q_b, q_d, atol=1e-4)
+
+
+def test_base_loss_uses_the_noisy_label_prior():
+    obj, _, _ = objective(prior="imbalance_teacher", tau=1.0)
+    counts = torch.tensor([0.5, 0.25, 0.15, 0.10], dtype=torch.float64) * 8
+    assert torch.allclose(obj.base_offset.double(), torch.log((counts + 1) / (8 + 4)), atol=1e-6)
 
 
 def test_student_prior_from_imbalance_teacher():
