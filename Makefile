@@ -42,3 +42,9 @@ clean-venv:
 
 report: setup
 	$(PY) -m dsink.report --out report.html
+
+# `dvc plots show` as dvc_plots/index.html with vega/vega-lite/vega-embed inlined: opens offline (no CDN).
+# The JavaScript is cached in .dsink/vendor/ (fetched once with `npm pack` when missing).
+.PHONY: plots
+plots: setup
+	$(PY) -m dsink.plots_page --out dvc_plots

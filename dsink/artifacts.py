@@ -166,12 +166,19 @@ def read_corrupted(path: str | Path) -> CorruptedIndex:
     C = meta["num_classes"]
     if not isinstance(C, int) or C < 2:
         raise DsinkError(f"{where}: metadata num_classes = {C!r}; expected an integer >= 2")
-    cols = {n: table.column(n).to_numpy() for n in ("sample_id", "clean_label", "noisy_label", "is_noisy")}
+    names = ("sample_id", "clean_label", "noisy_label", "is_noisy")
+    for name in names:
+        nulls = table.column(name).null_count
+        if nulls:  # to_numpy() would turn them into NaN -> INT64_MIN labels or False flags
+            raise DsinkError(f"{where}: column {name!r} has {nulls} null values")
+    cols = {n: table.column(n).to_numpy() for n in names}
     if table.num_rows == 0:
         raise DsinkError(f"{where}: has no rows")
     ids = cols["sample_id"].astype(np.int64)
     if np.unique(ids).size != ids.size:
         raise DsinkError(f"{where}: sample_id has duplicates")
+    if ids.min() < 0:
+        raise DsinkError(f"{where}: sample_id {int(ids.min())} is negative; expected indices >= 0")
     for name in ("clean_label", "noisy_label"):
         v = cols[name]
         if v.min() < 0 or v.max() >= C:

@@ -175,7 +175,11 @@ class Params:
 
 
 def _fmt(value: Any) -> str:
-    return repr(value) if isinstance(value, str) else yaml.safe_dump(value, default_flow_style=True).strip()
+    if isinstance(value, str):
+        return repr(value)
+    # A bare scalar dumps as "2.5\n...": drop YAML's document-end marker and keep the message on one line.
+    text = yaml.safe_dump(value, default_flow_style=True, width=1 << 30).strip()
+    return " ".join(text.removesuffix("...").split())
 
 
 def _bad(path: str, value: Any, expected: str) -> DsinkError:

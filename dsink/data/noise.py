@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import csv
 import pickle
+import re
 from pathlib import Path
 
 import numpy as np
@@ -169,6 +170,32 @@ def inject(
     return noisy
 
 
+def _load_pt(path: Path) -> object:
+    """``torch.load(weights_only=True)`` that also accepts plain numeric numpy arrays.
+
+    CIFAR-N's ``.pt`` files hold numpy int arrays, which the weights-only unpickler refuses by default;
+    allowing ndarray reconstruction of numeric dtypes (under both numpy 1 and 2 module names) keeps
+    every object that would run code refused.
+    """
+    import torch
+
+    reconstruct = np.zeros(0).__reduce__()[0]
+    allowed = [reconstruct, (reconstruct, "numpy.core.multiarray._reconstruct"), np.ndarray, np.dtype]
+    allowed += [type(np.dtype(t)) for t in "?bBhHiIlLqQefdg"]
+    with torch.serialization.safe_globals(allowed):
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _one_line(exc: BaseException) -> str:
+    """A one-line summary of a library error (torch's weights-only refusal spans many lines)."""
+    lines = [ln.strip() for ln in re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).splitlines() if ln.strip()]
+    refused = [ln for ln in lines if "Unsupported global" in ln or "Can only build" in ln]
+    if refused:
+        detail = refused[0].split(" Please use")[0].removeprefix("WeightsUnpickler error: ")
+        return f"refused by torch.load(weights_only=True), it may run code ({detail})"
+    return lines[0] if lines else "no details"
+
+
 def read_label_file(path: str | Path, key: str | None, expected_length: int, num_classes: int) -> np.ndarray:
     """Per-index noisy labels from ``.npy``, ``.csv``, ``.parquet`` or a CIFAR-N ``.pt`` dict (``key``).
 
@@ -207,9 +234,7 @@ def read_label_file(path: str | Path, key: str | None, expected_length: int, num
             )
             labels = table.column(col).to_numpy()
         elif suffix == ".pt":
-            import torch
-
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            obj = _load_pt(path)
             if not isinstance(obj, dict):
                 raise DsinkError(f"{where}: expected a dict of label arrays, got {type(obj).__name__}")
             if key is None or key not in obj:
@@ -224,7 +249,7 @@ def read_label_file(path: str | Path, key: str | None, expected_length: int, num
     except DsinkError:
         raise
     except Exception as exc:  # any parse failure of a user file becomes one clear line
-        raise DsinkError(f"{where} could not be read: {type(exc).__name__}: {exc}") from exc
+        raise DsinkError(f"{where} could not be read: {type(exc).__name__}: {_one_line(exc)}") from exc
     labels = np.asarray(labels)
     if labels.ndim != 1:
         raise DsinkError(f"{where}: expected a 1-d label vector, got shape {labels.shape}")

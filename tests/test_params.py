@@ -1,0 +1,219 @@
+"""params.yaml validation: the repo's file loads, and every kind of mistake is one line naming key and value."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dsink.errors import DsinkError
+from dsink.params import NOISE_TYPES, Params, from_dict, load_params, to_dict
+
+
+def load_error(tmp_path, write_params, overrides) -> str:
+    path = write_params(tmp_path, overrides)
+    with pytest.raises(DsinkError) as exc:
+        load_params(path)
+    msg = str(exc.value)
+    assert "\n" not in msg, f"error spans several lines: {msg!r}"
+    assert msg.startswith("params.yaml:"), msg
+    return msg
+
+
+def _assert_matches(raw, loaded, path=""):
+    """Every key written in the YAML comes back with the same value (ints may become floats)."""
+    assert isinstance(loaded, dict), path
+    for key, value in raw.items():
+        where = f"{path}.{key}" if path else key
+        assert key in loaded, where
+        if isinstance(value, dict):
+            _assert_matches(value, loaded[key], where)
+        else:
+            assert loaded[key] == value, where
+            assert type(loaded[key]) is type(value) or (type(value), type(loaded[key])) == (int, float), where
+
+
+def test_repo_params_yaml_loads_with_every_value(repo_root):
+    raw = yaml.safe_load((repo_root / "params.yaml").read_text())
+    params = load_params(repo_root / "params.yaml")
+    assert isinstance(params, Params)
+    _assert_matches(raw, to_dict(params))
+    assert isinstance(params.data.imbalance.ratio, float)
+    assert params.data.noise.type in NOISE_TYPES
+
+
+def test_overrides_reach_the_dataclasses(tmp_path, write_params):
+    path = write_params(
+        tmp_path,
+        {
+            "data.noise.rate": 0.2,
+            "data.imbalance.ratio": 10,
+            "seed": 7,
+            "teachers.noise.forget_rate": None,
+            "distill.sinkhorn.reg": 0.5,
+            "data.noise.type": "file",
+            "data.noise.file": "labels.npy",
+        },
+    )
+    p = load_params(path)
+    assert (p.data.noise.rate, p.data.imbalance.ratio, p.seed) == (0.2, 10.0, 7)
+    assert p.teachers.noise.forget_rate is None
+    assert p.distill.sinkhorn.reg == 0.5
+    assert p.data.noise.file == "labels.npy"
+
+
+def test_missing_sections_take_the_defaults(tmp_path):
+    (tmp_path / "params.yaml").write_text("seed: 3\n")
+    p = load_params(tmp_path / "params.yaml")
+    assert p.seed == 3
+    assert to_dict(p.data) == to_dict(Params().data)
+
+
+@pytest.mark.parametrize(
+    "dotted, suggestion",
+    [
+        ("data.noise.rat", "'data.noise.rate'"),
+        ("distil", "'distill'"),
+        ("teachers.noise.epoch", "'teachers.noise.epochs'"),
+        ("data.imbalance.profil", "'data.imbalance.profile'"),
+        ("distill.sinkhorn.regg", "'distill.sinkhorn.reg'"),
+    ],
+)
+def test_unknown_key_names_the_closest_valid_key(tmp_path, write_params, dotted, suggestion):
+    msg = load_error(tmp_path, write_params, {dotted: 1})
+    assert f"unknown key {dotted!r}" in msg
+    assert f"did you mean {suggestion}" in msg
+
+
+def test_unknown_key_without_a_close_match_lists_the_valid_keys(tmp_path, write_params):
+    msg = load_error(tmp_path, write_params, {"data.noise.zzzzzz": 1})
+    assert "'data.noise.zzzzzz'" in msg
+    assert "did you mean" not in msg
+    for key in ("type", "rate", "include_true", "file", "key"):
+        assert key in msg
+
+
+@pytest.mark.parametrize(
+    "dotted, value, shown, expected",
+    [
+        ("data.noise.rate", "0.4", "'0.4'", "a number"),  # string for a float
+        ("data.imbalance.ratio", "high", "'high'", "a number"),
+        ("teachers.noise.epochs", 2.5, "2.5", "an integer"),  # float for an int
+        ("distill.epochs", True, "true", "an integer"),  # bool for an int
+        ("seed", "0", "'0'", "an integer"),
+        ("seed", None, "null", "not null"),  # null for a non-optional int
+        ("data.imbalance.ratio", None, "null", "not null"),
+        ("data.noise.type", None, "null", "not null"),
+        ("data.download", "yes", "'yes'", "true or false"),
+        ("data.noise.include_true", 1, "1", "true or false"),
+        ("data.dataset", 3, "3", "a string"),
+        ("teachers.imbalance.milestones", "10", "'10'", "a list"),
+        ("data.noise.rate", float("nan"), ".nan", "a finite number"),
+        ("data.noise.rate", float("inf"), ".inf", "a finite number"),
+    ],
+)
+def test_wrong_type_names_key_and_value(tmp_path, write_params, dotted, value, shown, expected):
+    msg = load_error(tmp_path, write_params, {dotted: value})
+    assert f"{dotted} = {shown} is invalid" in msg
+    assert expected in msg
+
+
+def test_a_section_that_is_not_a_mapping(tmp_path, write_params):
+    msg = load_error(tmp_path, write_params, {"data.noise": 0.4})
+    assert "data.noise = 0.4" in msg
+    assert "mapping" in msg
+
+
+@pytest.mark.parametrize(
+    "dotted, value, shown, bound",
+    [
+        ("data.noise.rate", 1.0, "1.0", "< 1.0"),
+        ("data.noise.rate", -0.1, "-0.1", ">= 0.0"),
+        ("data.imbalance.ratio", 0.5, "0.5", ">= 1.0"),
+        ("teachers.noise.epochs", 0, "0", ">= 1"),
+        ("teachers.imbalance.epochs", -3, "-3", ">= 1"),
+        ("distill.sinkhorn.reg", 0, "0.0", "> 0.0"),
+        ("distill.lr", -0.1, "-0.1", "> 0.0"),
+        ("teachers.noise.q", 1.5, "1.5", "<= 1.0"),
+        ("seed", -1, "-1", ">= 0"),
+    ],
+)
+def test_out_of_range_names_key_value_and_bound(tmp_path, write_params, dotted, value, shown, bound):
+    msg = load_error(tmp_path, write_params, {dotted: value})
+    assert f"{dotted} = {shown} is invalid" in msg
+    assert bound in msg
+
+
+def test_unknown_choice_lists_the_valid_choices(tmp_path, write_params):
+    msg = load_error(tmp_path, write_params, {"data.noise.type": "gaussian"})
+    assert "data.noise.type = 'gaussian'" in msg
+    for choice in NOISE_TYPES:
+        assert choice in msg
+
+
+@pytest.mark.parametrize(
+    "dotted, value, hint",
+    [
+        ("data.noise.type", "symetric", "symmetric"),
+        ("data.dataset", "fashion-mnist", "fashion_mnist"),
+        ("teachers.imbalance.method", "logit_adjust", "logit_adjustment"),
+    ],
+)
+def test_close_choice_is_suggested(tmp_path, write_params, dotted, value, hint):
+    msg = load_error(tmp_path, write_params, {dotted: value})
+    assert f"{dotted} = {value!r}" in msg
+    assert f"did you mean {hint!r}" in msg
+
+
+def test_noise_type_file_without_a_file(tmp_path, write_params):
+    msg = load_error(tmp_path, write_params, {"data.noise.type": "file", "data.noise.file": None})
+    assert "data.noise.file = null" in msg
+    assert "file" in msg.split("expected", 1)[1]
+
+
+@pytest.mark.parametrize(
+    "overrides, key",
+    [
+        ({"evaluate.few_threshold": 200, "evaluate.many_threshold": 100}, "evaluate.few_threshold = 200"),
+        ({"distill.warmup_epochs": 30, "distill.epochs": 30}, "distill.warmup_epochs = 30"),
+        ({"teachers.noise.schedule": "step", "teachers.noise.milestones": []}, "teachers.noise.milestones"),
+        ({"teachers.noise.milestones": [5, "x"]}, "teachers.noise.milestones = [5, x]"),
+    ],
+)
+def test_cross_field_checks(tmp_path, write_params, overrides, key):
+    assert key in load_error(tmp_path, write_params, overrides)
+
+
+def test_unreadable_and_invalid_yaml(tmp_path):
+    with pytest.raises(DsinkError, match="cannot read params file"):
+        load_params(tmp_path / "nope.yaml")
+    bad = tmp_path / "params.yaml"
+    bad.write_text("seed: 0\ndata: [unclosed\n")
+    with pytest.raises(DsinkError, match=r"not valid YAML at line \d"):
+        load_params(bad)
+
+
+@settings(max_examples=40, deadline=None)
+@given(rate=st.floats(min_value=-2.0, max_value=2.0, allow_nan=False))
+def test_rate_accepted_exactly_in_zero_one(rate):
+    raw = {"data": {"noise": {"rate": rate}}}
+    if 0.0 <= rate < 1.0:
+        assert from_dict(Params, raw).data.noise.rate == rate
+    else:
+        with pytest.raises(DsinkError, match=r"data\.noise\.rate = "):
+            from_dict(Params, raw)
+
+
+@settings(max_examples=40, deadline=None)
+@given(ratio=st.one_of(st.integers(-5, 1000), st.floats(0.0, 1e6, allow_nan=False)))
+def test_ratio_accepted_iff_at_least_one(ratio):
+    raw = {"data": {"imbalance": {"ratio": ratio}}}
+    if ratio >= 1:
+        got = from_dict(Params, raw).data.imbalance.ratio
+        assert isinstance(got, float) and math.isclose(got, ratio)
+    else:
+        with pytest.raises(DsinkError, match=r"data\.imbalance\.ratio = .* >= 1"):
+            from_dict(Params, raw)
