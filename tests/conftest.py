@@ -2,7 +2,8 @@
 
 - ``repo_root``: the repository root.
 - ``write_params(directory, overrides)``: the repo's ``params.yaml`` with dotted-key overrides
-  (``{"data.noise.rate": 0.2}``; the value ``write_params.DELETE`` removes a key), written to ``directory/params.yaml``.
+  (``{"data.noise.rate": 0.2}``; the value ``write_params.DELETE`` removes a key), written to
+  ``directory/params.yaml``.
 - ``stage_env``: the environment for stage subprocesses (no progress bars, this venv's python).
 """
 

@@ -1,4 +1,4 @@
-"""params.yaml validation: the repo's file loads, and every kind of mistake is one line naming key and value."""
+"""params.yaml validation: the repo's file loads; every mistake is one line naming the key and the value."""
 
 from __future__ import annotations
 

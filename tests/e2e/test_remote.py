@@ -198,7 +198,7 @@ def test_share_teacher_logits(kind: str, built: Path, aws_home: Path, tmp_path: 
     assert_no_checkpoints()
     for path in ("metrics/evaluate.json", "data/student/logits.parquet"):
         assert (b / path).read_bytes() == (a / path).read_bytes(), path
-    # model.pt is not byte-stable (torch.save names its zip records after the temporary file), its weights are
+    # model.pt's bytes differ (torch.save names its zip records after the temporary file); its weights do not
     state_a = torch.load(a / "data/student/model.pt", weights_only=True)
     state_b = torch.load(b / "data/student/model.pt", weights_only=True)
     assert state_a.keys() == state_b.keys()
