@@ -127,7 +127,10 @@ class EpochStats:
 def _atomic_torch_save(obj: Any, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(obj, tmp)
+    # Through a file handle: torch.save(obj, path) names the zip records after the (temporary) file name,
+    # which would make identical weights hash differently from run to run.
+    with open(tmp, "wb") as fh:
+        torch.save(obj, fh)
     os.replace(tmp, path)
 
 
