@@ -174,3 +174,13 @@ def test_torchrun_two_processes_matches_single_process(tmp_path):
         z = predict_logits(m, src.test, np.arange(len(src.test)), norm, torch.device("cpu"))
         accs.append(float((z.argmax(1) == src.test.labels).mean()))
     assert abs(accs[0] - accs[1]) <= 0.1, accs
+
+
+def test_saved_model_files_are_byte_identical(tmp_path):
+    from dsink.engine import save_state_dict
+
+    torch.manual_seed(0)
+    model = build_model("small_cnn", 3, 1)
+    save_state_dict(model, tmp_path / "a" / "model.pt")
+    save_state_dict(model, tmp_path / "b" / "other_name.pt")
+    assert (tmp_path / "a" / "model.pt").read_bytes() == (tmp_path / "b" / "other_name.pt").read_bytes()

@@ -47,3 +47,46 @@ def test_params_change_reruns_only_downstream(repo: Path):
     assert ran_stages(out) == {"evaluate"}
     out = run([DVC, "exp", "run", "-S", "data.noise.rate=0.2", "corrupt"], repo)
     assert ran_stages(out) == {"corrupt"}
+
+
+def test_bring_your_own_teacher_reruns_only_distill_and_evaluate(repo: Path):
+    """A contract-shaped logits file from elsewhere replaces the noise teacher without training it."""
+    if not (repo / "dvc.lock").exists():
+        pytest.skip("needs the pipeline from the first test")
+    run(["git", "checkout", "-q", "--", "."], repo)
+    run([DVC, "checkout", "-q"], repo)
+    import numpy as np
+
+    from dsink.artifacts import logits_table, read_corrupted, write_logits
+
+    idx = read_corrupted(repo / "data/corrupted/train.parquet")
+    n_tr, n_te = idx.sample_id.size, 4 * 15
+    # "another framework": a model that knows the clean labels of the training set and nothing of the test set
+    z = np.concatenate([np.eye(4)[idx.clean_label] * 5, np.zeros((n_te, 4))]).astype(np.float32)
+    split = np.array(["train"] * n_tr + ["test"] * n_te, dtype=object)
+    ids = np.concatenate([idx.sample_id, np.arange(n_te)])
+    write_logits(repo / "data/logits/noise.parquet", logits_table(split, ids, z, {"role": "noise"}))
+    run([DVC, "commit", "-f", "dump_logits@noise"], repo)
+    out = run([DVC, "repro"], repo)
+    assert ran_stages(out) == {"distill", "evaluate"}
+
+
+def test_queued_sweep_lists_each_experiment(repo: Path):
+    if not (repo / "dvc.lock").exists():
+        pytest.skip("needs the pipeline from the first test")
+    run(["git", "checkout", "-q", "--", "."], repo)
+    run([DVC, "checkout", "-q", "--force"], repo)
+    run([DVC, "exp", "run", "--queue", "-S", "data.noise.rate=0.1,0.3"], repo)
+    run([DVC, "exp", "run", "--run-all", "-j", "1"], repo)
+    shown = json.loads(run([DVC, "exp", "show", "--json"], repo))
+    rates = {}
+    for commit in shown:
+        for exp in commit.get("experiments") or []:
+            for rev in exp.get("revs", []):
+                data = rev.get("data") or {}
+                params = data.get("params", {}).get("params.yaml", {}).get("data", {})
+                metrics = data.get("metrics", {}).get("metrics/evaluate.json", {}).get("data", {})
+                rate = params.get("data", {}).get("noise", {}).get("rate")
+                if rate is not None and metrics:
+                    rates[rate] = metrics["dsink"]["top1"]
+    assert {0.1, 0.3} <= set(rates), rates

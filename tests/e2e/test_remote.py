@@ -87,7 +87,7 @@ def built(tmp_path_factory) -> Path:
     out = run([DVC, "repro"], repo)
     assert TEACHER_STAGES <= ran_stages(out)
     run(["git", "add", "-A"], repo)
-    run(["git", "add", "-f", "dvclive"], repo)  # dvclive/ is git-ignored, but its curves are stage outputs
+    run(["git", "add", "dvclive"], repo)  # the curves are cache: false stage outputs, kept in git
     run(["git", "commit", "-qm", "pipeline results"], repo)
     return repo
 
