@@ -1,0 +1,93 @@
+"""A stage killed with SIGKILL part-way resumes from its checkpoint and ends byte-identical to a clean run.
+
+Also: SIGTERM stops a stage with a message and no output; a params change does not resume a stale run.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.timeout(600)
+
+
+def setup_dir(d: Path, epochs: int = 6) -> Path:
+    d.mkdir(parents=True)
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["data"].update(dataset="synthetic", root=str(d / "raw"))
+    params["data"]["imbalance"]["ratio"] = 4
+    params["data"]["synthetic"].update(num_classes=3, image_size=8, train_per_class=300, test_per_class=10)
+    params["teachers"]["noise"].update(epochs=epochs, batch_size=16, track_every=0)
+    (d / "params.yaml").write_text(yaml.safe_dump(params))
+    env = dict(os.environ, TQDM_DISABLE="1", OMP_NUM_THREADS="1")
+    subprocess.run([sys.executable, str(ROOT / "stages/corrupt.py")], cwd=d, env=env, check=True)
+    return d
+
+
+def train_cmd() -> list[str]:
+    return [sys.executable, str(ROOT / "stages/train_teacher.py"), "--role", "noise"]
+
+
+def env() -> dict[str, str]:
+    return dict(os.environ, TQDM_DISABLE="1", OMP_NUM_THREADS="1")
+
+
+def checkpoint_epoch(d: Path) -> int:
+    ckpts = list((d / ".dsink" / "checkpoints").rglob("last.pt"))
+    if not ckpts:
+        return -1
+    try:
+        return int(torch.load(ckpts[0], weights_only=True)["epoch"])
+    except Exception:  # being replaced right now
+        return -1
+
+
+def kill_after_epoch(d: Path, epoch: int, sig: int) -> subprocess.CompletedProcess:
+    proc = subprocess.Popen(
+        train_cmd(), cwd=d, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.time() + 240
+    while checkpoint_epoch(d) < epoch and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run finished before it could be interrupted"
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=60)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def test_sigkill_then_rerun_equals_uninterrupted(tmp_path):
+    ref = setup_dir(tmp_path / "ref")
+    subprocess.run(train_cmd(), cwd=ref, env=env(), check=True, capture_output=True)
+    reference = (ref / "data/teachers/noise/model.pt").read_bytes()
+
+    d = setup_dir(tmp_path / "killed")
+    for kill_at in (1, 3):  # killed twice, at different points
+        res = kill_after_epoch(d, kill_at, signal.SIGKILL)
+        assert res.returncode == -signal.SIGKILL
+        assert not (d / "data/teachers/noise/model.pt").exists()
+    res = subprocess.run(train_cmd(), cwd=d, env=env(), check=True, capture_output=True, text=True)
+    assert "resuming after epoch" in res.stdout
+    assert (d / "data/teachers/noise/model.pt").read_bytes() == reference
+    assert not list((d / ".dsink" / "checkpoints").rglob("last.pt")), "a finished run leaves no checkpoint"
+
+
+def test_sigterm_stops_cleanly_and_params_change_starts_fresh(tmp_path):
+    d = setup_dir(tmp_path / "term")
+    res = kill_after_epoch(d, 0, signal.SIGTERM)
+    assert res.returncode == 128 + signal.SIGTERM
+    assert "stopped by SIGTERM" in res.stderr and "Traceback" not in res.stderr
+    assert not (d / "data/teachers/noise/model.pt").exists()
+    params = yaml.safe_load((d / "params.yaml").read_text())
+    params["teachers"]["noise"]["lr"] = 0.01  # a different run: must not resume the stale checkpoint
+    (d / "params.yaml").write_text(yaml.safe_dump(params))
+    res = subprocess.run(train_cmd(), cwd=d, env=env(), check=True, capture_output=True, text=True)
+    assert "resuming" not in res.stdout
