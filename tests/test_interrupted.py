@@ -78,6 +78,12 @@ def test_sigkill_then_rerun_equals_uninterrupted(tmp_path):
     assert "resuming after epoch" in res.stdout
     assert (d / "data/teachers/noise/model.pt").read_bytes() == reference
     assert not list((d / ".dsink" / "checkpoints").rglob("last.pt")), "a finished run leaves no checkpoint"
+    # the logits dumped from the two runs, in two processes, are byte-identical too
+    dump = [sys.executable, str(ROOT / "stages/dump_logits.py"), "--role", "noise"]
+    for where in (ref, d):
+        subprocess.run(dump, cwd=where, env=env(), check=True, capture_output=True)
+    logits = (ref / "data/logits/noise.parquet").read_bytes()
+    assert logits == (d / "data/logits/noise.parquet").read_bytes()
 
 
 def test_sigterm_stops_cleanly_and_params_change_starts_fresh(tmp_path):
