@@ -35,8 +35,10 @@ before = status("VmRSS")
 log_u, info = ot.class_scaling(log_k, r, max_iter=300, tol=1e-5, chunk_size=16384, log=True)
 q = ot.apply_class_scaling(log_k, log_u)
 after = status("VmHWM")
+row_err = float((q.sum(1) - 1).abs().max())
+col_err = float((q.sum(0) - r).abs().max() / N)
 print(json.dumps({"peak_growth": after - before, "peak": after, "iters": int(info["n_iter"]),
-                  "row_err": float((q.sum(1) - 1).abs().max()), "col_err": float((q.sum(0) - r).abs().max() / N)}))
+                  "row_err": row_err, "col_err": col_err}))
 """
 
 
