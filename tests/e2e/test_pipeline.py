@@ -76,7 +76,7 @@ def test_queued_sweep_lists_each_experiment(repo: Path):
         pytest.skip("needs the pipeline from the first test")
     run(["git", "checkout", "-q", "--", "."], repo)
     run([DVC, "checkout", "-q", "--force"], repo)
-    run([DVC, "exp", "run", "--queue", "-S", "data.noise.rate=0.1,0.3"], repo)
+    run([DVC, "exp", "run", "--queue", "-S", "data.noise.rate=0.2,0.4"], repo)
     run([DVC, "exp", "run", "--run-all", "-j", "1"], repo)
     shown = json.loads(run([DVC, "exp", "show", "--json"], repo))
     rates = {}
@@ -89,4 +89,4 @@ def test_queued_sweep_lists_each_experiment(repo: Path):
                 rate = params.get("data", {}).get("noise", {}).get("rate")
                 if rate is not None and metrics:
                     rates[rate] = metrics["dsink"]["top1"]
-    assert {0.1, 0.3} <= set(rates), rates
+    assert {0.2, 0.4} <= set(rates), rates
