@@ -69,8 +69,10 @@ def tiny_params(path: Path, epochs: int = 2) -> None:
 
 
 def env(**extra: str) -> dict[str, str]:
+    venv_bin = str(Path(sys.executable).parent)  # DVC's queue workers start `dvc` from PATH
     return dict(
         os.environ,
+        PATH=venv_bin + os.pathsep + os.environ.get("PATH", ""),
         DSINK_PYTHON=sys.executable,
         TQDM_DISABLE="1",
         GIT_AUTHOR_NAME="t",

@@ -7,6 +7,8 @@ downstream of it, and that a no-op repro runs nothing.
 from __future__ import annotations
 
 import json
+import re
+import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -77,7 +79,14 @@ def test_queued_sweep_lists_each_experiment(repo: Path):
     run(["git", "checkout", "-q", "--", "."], repo)
     run([DVC, "checkout", "-q", "--force"], repo)
     run([DVC, "exp", "run", "--queue", "-S", "data.noise.rate=0.2,0.4"], repo)
-    run([DVC, "exp", "run", "--run-all", "-j", "1"], repo)
+    run([DVC, "queue", "start", "-j", "1"], repo)
+    deadline = time.time() + 600
+    while time.time() < deadline:  # the worker runs in the background
+        status = run([DVC, "queue", "status"], repo)
+        if not re.search(r"\b(Queued|Running)\b", status):
+            break
+        time.sleep(3)
+    assert "Failed" not in status, status
     shown = json.loads(run([DVC, "exp", "show", "--json"], repo))
     rates = {}
     for commit in shown:
