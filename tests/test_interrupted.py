@@ -97,3 +97,42 @@ def test_sigterm_stops_cleanly_and_params_change_starts_fresh(tmp_path):
     (d / "params.yaml").write_text(yaml.safe_dump(params))
     res = subprocess.run(train_cmd(), cwd=d, env=env(), check=True, capture_output=True, text=True)
     assert "resuming" not in res.stdout
+
+
+def test_distill_sigkill_then_rerun_equals_uninterrupted(tmp_path):
+    """`distill` checkpoints like the teachers: killed after epoch 1, it resumes to the same student."""
+    import numpy as np
+
+    from dsink.artifacts import logits_table, read_corrupted, write_logits
+
+    def prepare(d: Path) -> Path:
+        setup_dir(d)
+        params = yaml.safe_load((d / "params.yaml").read_text())
+        params["distill"].update(epochs=5, batch_size=16, track_every=0)
+        (d / "params.yaml").write_text(yaml.safe_dump(params))
+        idx = read_corrupted(d / "data/corrupted/train.parquet")
+        n_te = 30
+        for k, role in enumerate(("imbalance", "noise")):
+            z = np.random.default_rng(k).normal(size=(idx.sample_id.size + n_te, 3)).astype(np.float32)
+            z[: idx.sample_id.size] += 3 * np.eye(3, dtype=np.float32)[idx.clean_label]
+            split = np.array(["train"] * idx.sample_id.size + ["test"] * n_te, dtype=object)
+            ids = np.concatenate([idx.sample_id, np.arange(n_te)])
+            write_logits(d / f"data/logits/{role}.parquet", logits_table(split, ids, z, {"role": role}))
+        return d
+
+    cmd = [sys.executable, str(ROOT / "stages/distill.py")]
+    ref = prepare(tmp_path / "ref")
+    subprocess.run(cmd, cwd=ref, env=env(), check=True, capture_output=True)
+    d = prepare(tmp_path / "killed")
+    proc = subprocess.Popen(cmd, cwd=d, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 240
+    while checkpoint_epoch(d) < 1 and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, "distill finished before it could be killed"
+    proc.kill()
+    proc.communicate(timeout=60)
+    assert not (d / "data/student/model.pt").exists()
+    res = subprocess.run(cmd, cwd=d, env=env(), check=True, capture_output=True, text=True)
+    assert "resuming after epoch" in res.stdout
+    for name in ("model.pt", "logits.parquet"):
+        assert (d / "data/student" / name).read_bytes() == (ref / "data/student" / name).read_bytes(), name

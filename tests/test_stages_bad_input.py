@@ -158,3 +158,24 @@ def test_debug_shows_the_traceback(work, capsys):
     os.remove("data/corrupted/train.parquet")
     code, err = run_stage("train_teacher", ["--role", "noise", "--debug"], capsys)
     assert code == 2 and "Traceback" in err
+
+
+def test_truncated_dataset_files_are_one_line(tmp_path, monkeypatch, capsys):
+    raw = tmp_path / "raw" / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True)
+    for name in (
+        "train-images-idx3-ubyte",
+        "train-labels-idx1-ubyte",
+        "t10k-images-idx3-ubyte",
+        "t10k-labels-idx1-ubyte",
+    ):
+        # a valid IDX header promising 60000 images, then the file stops
+        (raw / name).write_bytes(
+            bytes([0, 0, 8, 3]) + (60000).to_bytes(4, "big") + (28).to_bytes(4, "big") * 2 + b"\x00" * 100
+        )
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["data"]["root"] = str(tmp_path / "raw")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    monkeypatch.chdir(tmp_path)
+    code, err = run_stage("corrupt", [], capsys)
+    assert_clean_failure(code, err, "could not be read", [tmp_path / "data/corrupted/train.parquet"])
