@@ -136,3 +136,26 @@ def test_distill_sigkill_then_rerun_equals_uninterrupted(tmp_path):
     assert "resuming after epoch" in res.stdout
     for name in ("model.pt", "logits.parquet"):
         assert (d / "data/student" / name).read_bytes() == (ref / "data/student" / name).read_bytes(), name
+
+
+@pytest.mark.parametrize("delay", [0.5, 2.0, 3.5])
+def test_dump_logits_killed_at_any_point_leaves_nothing_partial(tmp_path, delay):
+    """SIGKILL at several moments: the output is either absent or complete, never partial; rerun completes."""
+    from dsink.engine import save_state_dict
+    from dsink.models import build_model
+
+    d = setup_dir(tmp_path / "d")
+    torch.manual_seed(0)
+    save_state_dict(build_model("small_cnn", 3, 1), d / "data/teachers/noise/model.pt")
+    cmd = [sys.executable, str(ROOT / "stages/dump_logits.py"), "--role", "noise"]
+    subprocess.run(cmd, cwd=d, env=env(), check=True, capture_output=True)
+    out = d / "data/logits/noise.parquet"
+    reference = out.read_bytes()
+    out.unlink()
+    proc = subprocess.Popen(cmd, cwd=d, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    time.sleep(delay)
+    proc.kill()
+    proc.communicate(timeout=60)
+    assert not out.exists() or out.read_bytes() == reference
+    subprocess.run(cmd, cwd=d, env=env(), check=True, capture_output=True)
+    assert out.read_bytes() == reference
