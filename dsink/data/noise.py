@@ -112,7 +112,8 @@ def transition_matrix(
         W = np.tile(freq, (C, 1))
         if not include_true:
             np.fill_diagonal(W, 0.0)
-        W /= W.sum(1, keepdims=True)
+        sums = W.sum(1, keepdims=True)
+        W = np.divide(W, sums, out=np.eye(C), where=sums > 0)
         return T + rate * W
     raise ValueError(f"no transition matrix for noise type {noise_type!r}")
 
@@ -163,7 +164,8 @@ def inject(
         if not include_true:
             np.fill_diagonal(W, 0.0)
         sums = W.sum(1, keepdims=True)
-        W = np.divide(W, sums, out=np.full_like(W, 1.0 / C), where=sums > 0)
+        # a class whose only possible wrong labels are empty classes keeps its label (nothing to draw from)
+        W = np.divide(W, sums, out=np.eye(C), where=sums > 0)
         noisy[picked] = _draw_from_rows(W, clean[picked], rng)
     else:
         raise DsinkError(f"params.yaml: data.noise.type = {noise_type!r} is invalid for synthetic injection")
