@@ -46,7 +46,7 @@ def objective(N=8, C=4, seed=0, **kw) -> tuple[DsinkObjective, np.ndarray, np.nd
     noise = g.normal(size=(N, C)).astype(np.float32) * 2
     imb = g.normal(size=(N, C)).astype(np.float32) * 2
     prior = np.array([0.5, 0.25, 0.15, 0.10])[:C]
-    p = DistillParams(sinkhorn=SinkhornParams(max_iter=2000, tol=1e-7), **kw)
+    p = DistillParams(sinkhorn=SinkhornParams(max_iter=2000, tol=1e-6), **kw)
     return DsinkObjective(p, noise, imb, prior), noise, imb
 
 
