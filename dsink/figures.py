@@ -118,11 +118,13 @@ def curves_figure(live_dirs: dict[str, Path], path: Path) -> None:
 def corrected_figure(live_dirs: dict[str, Path], path: Path) -> None:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6.5, 4))
-    for name, d in live_dirs.items():
+    for k, (name, d) in enumerate(live_dirs.items()):
+        color = f"C{k}"  # one colour per model: solid = corrected, dashed = memorised
         for metric, style in (("train_corrected", "-"), ("train_memorised", "--")):
             series = read_live_metric(d, metric)
             if series is not None:
-                ax.plot(*series, style, label=f"{LABELS.get(name, name)}: {metric.split('_')[1]}")
+                label = f"{LABELS.get(name, name)}: {metric.split('_')[1]}"
+                ax.plot(*series, style, color=color, label=label)
     ax.set_xlabel("epoch")
     ax.set_ylabel("share of noisy training labels")
     ax.set_ylim(-0.02, 1.02)
