@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -62,6 +63,41 @@ def label_repair(pred: np.ndarray, clean: np.ndarray, noisy: np.ndarray) -> dict
 
 
 MODELS = ("dsink", "imbalance_teacher", "noise_teacher")
+# What D-SINK is compared against besides its own teachers: the naive ensemble of the two teachers and the
+# baselines trained by ``train_baseline@*`` (plain CE, and GCE on logit-adjusted logits).
+COMPARISONS = ("teacher_average", "ce", "la_gce")
+
+
+@dataclass
+class Predictions:
+    """Train and test logits (or log-probabilities) of one model, aligned like a logits file."""
+
+    train: np.ndarray
+    test: np.ndarray
+
+
+def _log_softmax(z: np.ndarray) -> np.ndarray:
+    z = np.asarray(z, dtype=np.float64)
+    z = z - z.max(axis=1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+
+
+def average_probabilities(*models: Any) -> Predictions:
+    """The naive ensemble: log of the mean of each model's softmax probabilities (train and test).
+
+    Each model is read as it predicts on its own (raw logits, whatever prior they are under), which is
+    what a user averaging two off-the-shelf models gets. Float64 log-sum-exp, so confident rows neither
+    underflow nor tie.
+    """
+    if not models:
+        raise ValueError("average_probabilities needs at least one model")
+
+    def mean_log_prob(split: str) -> np.ndarray:
+        stacked = np.stack([_log_softmax(getattr(m, split)) for m in models])
+        top = stacked.max(axis=0)
+        return top + np.log(np.exp(stacked - top).mean(axis=0))
+
+    return Predictions(mean_log_prob("train"), mean_log_prob("test"))
 
 
 def evaluate_models(
@@ -69,7 +105,9 @@ def evaluate_models(
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """``metrics/evaluate.json`` content and the per-class / confusion tables for the plots.
 
-    ``logits`` maps each name of :data:`MODELS` to a validated :class:`~dsink.artifacts.TeacherLogits`.
+    ``logits`` maps each model name (those of :data:`MODELS` first, then any of :data:`COMPARISONS`) to
+    an object with ``train`` / ``test`` logit arrays (a validated :class:`~dsink.artifacts.TeacherLogits`
+    or :class:`Predictions`); the report keeps that order. The confusion matrix is the one of ``dsink``.
     """
     C = index.num_classes
     counts = index.clean_counts()
@@ -77,7 +115,7 @@ def evaluate_models(
     per_class_rows = []
     confusion = None
     per_class = {}
-    for name in MODELS:
+    for name in logits:
         t = logits[name]
         pred_test = t.test.argmax(1)
         m = shot_accuracy(pred_test, test_labels, counts, many_threshold, few_threshold)
@@ -89,7 +127,7 @@ def evaluate_models(
     names = index.meta.get("class_names") or [str(c) for c in range(C)]
     for c in range(C):
         row = {"class": int(c), "class_name": str(names[c]), "class_size": int(counts[c])}
-        for name in MODELS:
+        for name in logits:
             v = per_class[name][c]
             row[name] = None if np.isnan(v) else float(v)
         per_class_rows.append(row)

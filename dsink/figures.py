@@ -19,6 +19,9 @@ LABELS = {
     "dsink": "D-SINK student",
     "imbalance_teacher": "imbalance teacher (f_L)",
     "noise_teacher": "noise teacher (f_N)",
+    "teacher_average": "average of the two teachers",
+    "ce": "plain cross-entropy",
+    "la_gce": "GCE on logit-adjusted logits",
 }
 
 
@@ -41,7 +44,8 @@ def per_class_figure(rows: list[dict[str, Any]], path: Path) -> None:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6.5, 4))
     sizes = np.array([r["class_size"] for r in rows])
-    for name, marker in zip(LABELS, ("o", "s", "^"), strict=True):
+    names = [n for n in LABELS if rows and n in rows[0]]
+    for name, marker in zip(names, "os^vDx", strict=False):
         acc = np.array([np.nan if r[name] is None else r[name] for r in rows], dtype=float)
         ax.scatter(sizes, acc, label=LABELS[name], marker=marker, alpha=0.8)
     ax.set_xscale("log")

@@ -28,6 +28,7 @@ NOISE_TYPES = ("none", "symmetric", "asymmetric", "imbalanced", "file")
 IMBALANCE_METHODS = ("logit_adjustment", "balanced_softmax", "ce")
 NOISE_METHODS = ("gce", "small_loss", "elr", "ce")
 MODEL_NAMES = ("small_cnn", "resnet32", "preact_resnet18")
+BASELINES = ("ce", "la_gce")
 
 
 def _opt(default: Any, **checks: Any) -> Any:
@@ -127,6 +128,27 @@ class TeachersParams:
 
 
 @dataclass
+class CEBaselineParams(TrainParams):
+    """Plain cross-entropy on the noisy long-tailed labels: the floor every method must beat."""
+
+
+@dataclass
+class LAGCEBaselineParams(TrainParams):
+    """The naive single-loss combination: GCE (noise-robust) on logit-adjusted logits (tail-aware)."""
+
+    tau: float = _opt(1.0, ge=0.0)
+    q: float = _opt(0.7, gt=0.0, le=1.0)
+
+
+@dataclass
+class BaselinesParams:
+    """Comparison models trained on the same data and evaluated beside D-SINK (``train_baseline@*``)."""
+
+    ce: CEBaselineParams = _sub(CEBaselineParams)
+    la_gce: LAGCEBaselineParams = _sub(LAGCEBaselineParams)
+
+
+@dataclass
 class SinkhornParams:
     reg: float = _opt(2.0, gt=0.0)
     max_iter: int = _opt(200, ge=1)
@@ -170,6 +192,7 @@ class Params:
     data: DataParams = _sub(DataParams)
     teachers: TeachersParams = _sub(TeachersParams)
     dump: DumpParams = _sub(DumpParams)
+    baselines: BaselinesParams = _sub(BaselinesParams)
     distill: DistillParams = _sub(DistillParams)
     evaluate: EvaluateParams = _sub(EvaluateParams)
 
@@ -292,6 +315,8 @@ def _check_cross_field(p: Params) -> None:
     for name, train in (
         ("teachers.imbalance", p.teachers.imbalance),
         ("teachers.noise", p.teachers.noise),
+        ("baselines.ce", p.baselines.ce),
+        ("baselines.la_gce", p.baselines.la_gce),
         ("distill", p.distill),
     ):
         ms = train.milestones

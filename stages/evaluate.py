@@ -1,6 +1,8 @@
-"""DVC stage `evaluate`: the student and both teachers on the clean, balanced test set.
+"""DVC stage `evaluate`: the student, both teachers and the comparisons on the clean, balanced test set.
 
-Reads `data` (to find the test labels) and `evaluate`; reads the three logits files; writes
+The comparisons are the average of the two teachers' probabilities and the baselines of
+`train_baseline@{ce,la_gce}`. Reads `data` (to find the test labels) and `evaluate`; reads the logits
+files; writes
 metrics/evaluate.json, plots/per_class.json, plots/confusion.json and PNG figures under plots/.
 Trains nothing: changing `evaluate` params reruns only this stage.
 """
@@ -18,7 +20,7 @@ def main(args: argparse.Namespace) -> None:
     from dsink import figures
     from dsink.artifacts import read_corrupted, read_logits, write_json
     from dsink.data.sources import load_source
-    from dsink.evaluation import evaluate_models
+    from dsink.evaluation import average_probabilities, evaluate_models
     from dsink.params import load_params
 
     params = load_params(args.params)
@@ -29,7 +31,10 @@ def main(args: argparse.Namespace) -> None:
         "imbalance_teacher": args.imbalance_logits,
         "noise_teacher": args.noise_logits,
     }
-    logits = {name: read_logits(path, index, test_labels.size) for name, path in paths.items()}
+    logits: dict = {name: read_logits(path, index, test_labels.size) for name, path in paths.items()}
+    logits["teacher_average"] = average_probabilities(logits["imbalance_teacher"], logits["noise_teacher"])
+    for method in ("ce", "la_gce"):
+        logits[method] = read_logits(f"{args.baselines}/{method}/logits.parquet", index, test_labels.size)
     ep = params.evaluate
     metrics, tables = evaluate_models(logits, test_labels, index, ep.many_threshold, ep.few_threshold)
     plots = Path(args.plots)
@@ -49,13 +54,15 @@ def main(args: argparse.Namespace) -> None:
         "dsink": Path(args.live) / "student",
         "imbalance_teacher": Path(args.live) / "teacher_imbalance",
         "noise_teacher": Path(args.live) / "teacher_noise",
+        "ce": Path(args.live) / "baseline_ce",
+        "la_gce": Path(args.live) / "baseline_la_gce",
     }
     figures.curves_figure(live, plots / "curves.png")
     figures.corrected_figure(live, plots / "corrected.png")
     write_json(args.metrics, metrics)
-    for name in ("dsink", "imbalance_teacher", "noise_teacher"):
+    for name in logits:
         m = metrics[name]
-        print(f"evaluate: {name:18s} top1 {m['top1']:.4f}  corrected {m['corrected']}")
+        print(f"evaluate: {name:18s} top1 {m['top1']:.4f}  few {m['few']}  corrected {m['corrected']}")
 
 
 def cli(argv: list[str] | None = None) -> None:
@@ -64,7 +71,10 @@ def cli(argv: list[str] | None = None) -> None:
     p.add_argument("--student-logits", default="data/student/logits.parquet", help="student logits")
     p.add_argument("--imbalance-logits", default="data/logits/imbalance.parquet", help="f_L logits")
     p.add_argument("--noise-logits", default="data/logits/noise.parquet", help="f_N logits")
-    p.add_argument("--live", default="dvclive", help="dvclive root holding the three trainings' curves")
+    p.add_argument(
+        "--baselines", default="data/baselines", help="train_baseline outputs (<m>/logits.parquet)"
+    )
+    p.add_argument("--live", default="dvclive", help="dvclive root holding the trainings' curves")
     p.add_argument("--metrics", default="metrics/evaluate.json", help="metrics file")
     p.add_argument("--plots", default="plots", help="plots directory")
     stage.run(main, p, argv)

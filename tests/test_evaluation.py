@@ -55,3 +55,33 @@ def test_label_repair_counts_only_noisy_samples():
     r = label_repair(pred, clean, noisy)
     assert r["corrected"] == pytest.approx(1 / 3) and r["memorised"] == pytest.approx(1 / 3)
     assert label_repair(pred, clean, clean) == {"corrected": None, "memorised": None}
+
+
+def test_average_probabilities_is_the_mean_of_softmaxes():
+    from dsink.evaluation import Predictions, average_probabilities
+
+    rng = np.random.default_rng(0)
+    a = Predictions(rng.normal(size=(7, 4)) * 3, rng.normal(size=(5, 4)) * 3)
+    b = Predictions(rng.normal(size=(7, 4)) * 3, rng.normal(size=(5, 4)) * 3)
+
+    def softmax(z):
+        e = np.exp(z - z.max(1, keepdims=True))
+        return e / e.sum(1, keepdims=True)
+
+    avg = average_probabilities(a, b)
+    for split in ("train", "test"):
+        expected = (softmax(getattr(a, split)) + softmax(getattr(b, split))) / 2
+        np.testing.assert_allclose(np.exp(getattr(avg, split)), expected, rtol=1e-12)
+
+
+def test_average_probabilities_survives_confident_rows():
+    from dsink.evaluation import Predictions, average_probabilities
+
+    # probabilities that underflow float32: the ensemble still prefers the class both models like
+    a = Predictions(np.array([[0.0, -2000.0, -5000.0]]), np.array([[0.0, -2000.0, -5000.0]]))
+    b = Predictions(np.array([[-3000.0, 0.0, -1000.0]]), np.array([[-3000.0, 0.0, -1000.0]]))
+    avg = average_probabilities(a, b)
+    assert np.isfinite(avg.test).all()
+    np.testing.assert_allclose(avg.test[0, :2], np.log(0.5), atol=1e-12)
+    with pytest.raises(ValueError):
+        average_probabilities()

@@ -21,6 +21,8 @@ ALL_STAGES = {
     "train_teacher@noise",
     "dump_logits@imbalance",
     "dump_logits@noise",
+    "train_baseline@ce",
+    "train_baseline@la_gce",
     "distill",
     "evaluate",
 }
@@ -62,7 +64,8 @@ def tiny_params(path: Path, epochs: int = 2) -> None:
     params["data"].update(dataset="synthetic")
     params["data"]["imbalance"]["ratio"] = 5
     params["data"]["synthetic"].update(num_classes=4, image_size=8, train_per_class=60, test_per_class=15)
-    for sec in (params["teachers"]["imbalance"], params["teachers"]["noise"], params["distill"]):
+    trainings = (params["teachers"]["imbalance"], params["teachers"]["noise"], params["distill"])
+    for sec in (*trainings, params["baselines"]["ce"], params["baselines"]["la_gce"]):
         sec.update(epochs=epochs, batch_size=32, track_every=1)
     params["evaluate"].update(many_threshold=40, few_threshold=20)
     path.write_text(yaml.safe_dump(params, sort_keys=False))

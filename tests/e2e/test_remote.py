@@ -174,7 +174,7 @@ def test_share_teacher_logits(kind: str, built: Path, aws_home: Path, tmp_path: 
     # --- user B: clone, pull the logits (not the checkpoints), reproduce ---
     b = tmp_path / "b"
     sh(["git", "clone", "-q", str(origin), str(b)], tmp_path)
-    sh([DVC, "pull", "corrupt", "dump_logits"], b)
+    sh([DVC, "pull", "corrupt", "dump_logits", "train_baseline"], b)  # logits + the comparisons
     for path in SHARED:
         assert (b / path).read_bytes() == (a / path).read_bytes(), path
     teacher_md5 = {
