@@ -64,11 +64,13 @@ def grid(ratios: list[int], seeds_at_100: list[int], seeds_else: list[int]) -> l
     return cells
 
 
-def overrides(ratio: int, setting: tuple, seed: int, epochs: int, fast: bool) -> list[str]:
+def overrides(ratio: int, setting: tuple, seed: int, epochs: int, fast: bool, root: str) -> list[str]:
     _, kind, rate = setting
     sets = [
         f"seed={seed}",
         "data.dataset=fashion_mnist",
+        # queued experiments run in a temporary copy of the repo without the (git-ignored) raw data
+        f"data.root={root}",
         f"data.imbalance.ratio={ratio}",
         f"data.noise.type={kind}",
         f"data.noise.rate={rate}",
@@ -99,7 +101,7 @@ def cmd_queue(args: argparse.Namespace) -> None:
     cells = grid(args.ratios, args.seeds, args.seeds_other)
     for ratio, setting, seed in cells:
         name = exp_name(ratio, setting[0], seed)
-        sets = overrides(ratio, setting, seed, args.epochs, not args.fp32)
+        sets = overrides(ratio, setting, seed, args.epochs, not args.fp32, str(Path(args.root).resolve()))
         cmd = [DVC, "exp", "run", "--queue", "-n", name] + [a for s in sets for a in ("-S", s)]
         subprocess.run(cmd, cwd=ROOT, check=True, env=worker_env(1), stdout=subprocess.DEVNULL)
         print(f"queued {name}")
@@ -260,6 +262,7 @@ def main(argv: list[str] | None = None) -> None:
     q.add_argument("--ratios", type=int, nargs="+", default=[100, 10], help="imbalance ratios")
     q.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds at ratio 100")
     q.add_argument("--seeds-other", type=int, nargs="+", default=[0], help="seeds at other ratios")
+    q.add_argument("--root", default=str(ROOT / "data/raw"), help="Fashion-MNIST root (made absolute)")
     q.add_argument("--fp32", action="store_true", help="train in float32 (default: bf16 + channels_last)")
     q.set_defaults(fn=cmd_queue)
     s = sub.add_parser("start", help="start queue workers")

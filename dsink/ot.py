@@ -578,11 +578,12 @@ def dsink_targets(
 
     The cost is ``P_ic = -(log f_N(x_i)_c + log f(x_i)_c)``, the class totals ``r = sum_i f_L(x_i)``,
     and every sample carries mass 1. With the default ``reg = 2`` the solution is
-    ``q_i ∝ u ⊙ sqrt(f_N(x_i) ⊙ f(x_i))``. Solved with :func:`sinkhorn` on ``M = P^T`` (C x N), with
-    marginals ``a = r`` (classes) and ``b = 1`` (samples): POT's normalised ``a = r / N, b = 1 / N``
-    scaled by N, which is the same problem (the plan scales by N) but keeps the mass-carrying log-plan
-    entries near ``log q_ic`` instead of ``log q_ic - log N``, i.e. at better float32 precision, and
-    makes ``tol`` read directly in units of ``q``. The result is ``Q = plan^T``.
+    ``q_i ∝ u ⊙ sqrt(f_N(x_i) ⊙ f(x_i))``. This is :func:`sinkhorn` on ``M = P^T`` with marginals
+    ``r`` (classes) and ``1`` (samples), solved with the sample potential eliminated: each row of ``Q``
+    is a softmax, so rows sum to 1 exactly and only the class potential ``log u`` is iterated (one
+    exponential pass over N x C per iteration instead of two; see ``_dsink_scaling``). Everything stays
+    in the log domain: rows are exponentiated after subtracting (a bound on) their maximum, and the rare
+    rows or classes that would underflow are recomputed exactly.
 
     At dataset scope (N ~ 1e6) use :func:`class_scaling`, which never materialises N x C temporaries.
 
@@ -594,8 +595,9 @@ def dsink_targets(
         reg: entropic weight (2 for the D-SINK objective).
         temperature: if not 1, each log-probability is re-normalised as ``log_softmax(log_p / T)`` first.
         max_iter: maximum Sinkhorn iterations.
-        tol: rows of ``Q`` sum to 1 within ``tol`` (class totals are met up to rounding).
-        log: also return the solver info: ``n_iter``, ``err`` (as in :func:`sinkhorn`, in units of q),
+        tol: class totals within ``tol`` relative (``|sum_i Q_ic - r_c| <= tol * max(r_c, 1)``); rows of
+            ``Q`` sum to 1 up to rounding.
+        log: also return the solver info: ``n_iter``, ``err`` (the class-total error that ``tol`` bounds),
             ``log_u`` (class potential, ``(…, C)``), ``log_v`` (sample potential, ``(…, N)``),
             ``row_err`` = ``max_i |sum_c Q_ic - 1|`` and ``class_err`` = ``max_c |sum_i Q_ic - r_c| / N``.
 
@@ -620,35 +622,118 @@ def dsink_targets(
             )
         if x.device != log_p_noise.device:
             raise ValueError(f"{name} is on {x.device} but log_p_noise is on {log_p_noise.device}")
-    _check_log_probs(log_p_noise, "log_p_noise")
-    _check_log_probs(log_p_student, "log_p_student")
     if not p_imbalance.is_floating_point():
         raise ValueError(f"p_imbalance must be a floating-point tensor, got dtype {p_imbalance.dtype}")
-    _check_finite(p_imbalance, "p_imbalance")
-    if (p_imbalance < 0).any():
+    # One pass per input on the common path (everything finite); the detailed checks, which name the
+    # problem, run only when something is not.
+    all_finite = True
+    for x, name in ((log_p_noise, "log_p_noise"), (log_p_student, "log_p_student")):
+        if not x.is_floating_point():
+            raise ValueError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+        if not bool(torch.isfinite(x).all()):
+            _check_log_probs(x, name)
+            all_finite = False
+    if not bool(torch.isfinite(p_imbalance).all()):
+        _check_finite(p_imbalance, "p_imbalance")
+    if bool((p_imbalance < 0).any()):
         raise ValueError("p_imbalance has negative entries (expected probabilities, not log-probabilities)")
     reg = _check_positive_scalar(reg, "reg")
     temperature = _check_positive_scalar(temperature, "temperature")
+    _check_iter_args(max_iter, tol, 1)
 
     lp_noise = log_p_noise.detach()
     lp_student = log_p_student.detach().to(lp_noise.dtype)
     if temperature != 1.0:
         lp_noise = torch.log_softmax(lp_noise / temperature, dim=-1)
         lp_student = torch.log_softmax(lp_student / temperature, dim=-1)
-    cost = -(lp_noise + lp_student)  # (…, N, C), +inf where a teacher gives probability 0
-
-    n = cost.shape[-2]
-    r = p_imbalance.detach().to(cost.dtype).sum(-2)  # (…, C)
+    # log kernel -P / reg, (…, N, C); -inf where a teacher gives probability 0
+    log_k = (lp_noise + lp_student).div_(reg)
+    n = log_k.shape[-2]
+    r = p_imbalance.detach().to(log_k.dtype).sum(-2)  # (…, C)
     total = r.sum(-1, keepdim=True)
-    if (total <= 0).any():
+    if bool((total <= 0).any()):
         raise ValueError("p_imbalance has zero total mass")
     r = r * (n / total)
-    ones = torch.ones(cost.shape[:-1], dtype=cost.dtype, device=cost.device)
-
-    plan, info = sinkhorn(r, ones, cost.transpose(-1, -2), reg, max_iter=max_iter, tol=tol, log=True)
-    q = plan.transpose(-1, -2)
+    if not all_finite:
+        _check_dsink_feasible(log_k, r)
+    q, info = _dsink_scaling(log_k, r, int(max_iter), float(tol), want_log_v=log)
+    if info["err"] > tol:
+        _warn_not_converged("dsink_targets", info["n_iter"], info["err"], tol)
     if log:
         info["row_err"] = (q.sum(-1) - 1).abs().max().item()
-        info["class_err"] = ((q.sum(-2) - r).abs().max() / n).item()
+        info["class_err"] = info["err"]
         return q, info
     return q
+
+
+def _check_dsink_feasible(log_k: torch.Tensor, r: torch.Tensor) -> None:
+    """Every sample must reach a class with mass, and every class with mass must reach a sample."""
+    finite = torch.isfinite(log_k)
+    has_mass = (r > 0).unsqueeze(-2)
+    if not bool((finite & has_mass).any(-1).all()):
+        raise ValueError(
+            "infeasible problem: a sample gives probability 0 (log -inf) to every class with mass in f_L"
+        )
+    if not bool((finite.any(-2) | (r <= 0)).all()):
+        raise ValueError(
+            "infeasible problem: a class with mass in f_L has probability 0 under a teacher for every sample"
+        )
+
+
+def _dsink_scaling(
+    log_k: torch.Tensor, r: torch.Tensor, max_iter: int, tol: float, want_log_v: bool = False
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Sinkhorn on the D-SINK problem with the sample potential eliminated, in the log domain.
+
+    Every sample carries mass 1, so for a class potential ``log_u`` the sample potential is exact:
+    ``q_i = softmax_c(log_k_i + log_u)``. One iteration is then ``log_u += log r - log s`` with
+    ``s_c = sum_i q_ic``, the same update as the row/column half-steps of :func:`sinkhorn` but with one
+    exponential pass over N x C instead of two: rows are shifted by an upper bound of their maximum
+    (``max_c log_k_ic`` precomputed, plus ``max_c log_u_c``), exponentiated in place, normalised by
+    their sum, and ``s`` is a matrix-vector product. Rows whose shifted sum falls below the normal
+    range (possible only when ``log_u`` spreads over more than ~80 nats) are recomputed with their
+    exact maximum, and a class whose every ``q_ic`` underflows gets its total from a log-domain
+    ``logsumexp``, so no step forms ``log 0`` or loses a class.
+    """
+    tiny = torch.finfo(log_k.dtype).tiny
+    log_r = _safe_log(r)
+    row_max = log_k.amax(-1, keepdim=True)  # finite: every row reaches some class
+    base = log_k - row_max  # <= 0, row max exactly 0
+    log_u = torch.where(r > 0, 0.0, _NEG_INF).to(log_k.dtype)
+    work = torch.empty_like(base)
+    n_iter, err = 0, math.inf
+
+    def unnormalised_rows(log_u: torch.Tensor) -> torch.Tensor:
+        """``exp`` of the shifted log-plan rows into ``work``; returns their sums (all in normal range)."""
+        shifted_u = (log_u - log_u.amax(-1, keepdim=True)).unsqueeze(-2)
+        torch.add(base, shifted_u, out=work).exp_()
+        sums = work.sum(-1)
+        low = sums < tiny * 1e6
+        if bool(low.any()):  # rare: recompute those rows shifted by their exact maximum
+            z = base + shifted_u
+            shift = torch.where(low, z.amax(-1), 0.0)
+            torch.exp(z - shift.unsqueeze(-1), out=work)
+            sums = work.sum(-1)
+        return sums
+
+    while True:
+        sums = unnormalised_rows(log_u)
+        # class totals s_c = sum_i work_ic / sums_i, as one matrix-vector product
+        s = (sums.reciprocal().unsqueeze(-2) @ work).squeeze(-2)
+        err = ((s - r).abs() / r.clamp(min=1.0)).max().item()
+        if err <= tol or n_iter >= max_iter:
+            break
+        log_s = _safe_log(s)
+        lost = torch.isneginf(log_s) & (r > 0)
+        if bool(lost.any()):  # a class whose every q underflowed: its total in the log domain
+            z = base + log_u.unsqueeze(-2)
+            log_q = z - torch.logsumexp(z, -1, keepdim=True)
+            log_s = torch.where(lost, torch.logsumexp(log_q, -2), log_s)
+        log_u = log_u + _log_ratio(log_r, log_s)
+        log_u = log_u - log_u.amax(-1, keepdim=True)
+        n_iter += 1
+    q = work.div_(sums.unsqueeze(-1))
+    info: dict[str, Any] = {"n_iter": n_iter, "err": err, "log_u": log_u}
+    if want_log_v:
+        info["log_v"] = -(torch.logsumexp(base + log_u.unsqueeze(-2), -1) + row_max.squeeze(-1))
+    return q, info

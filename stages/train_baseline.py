@@ -24,9 +24,8 @@ def main(args: argparse.Namespace) -> None:
     logits_out = args.logits_out or f"{base}/logits.parquet"
     live = args.live or f"dvclive/baseline_{args.method}"
     last = fit_baseline(params, args.method, args.corrupted, model_out, logits_out, live)
-    if last:
-        top1 = last.get("test_top1", float("nan"))
-        print(f"baseline[{args.method}]: test top-1 {top1:.4f} -> {logits_out}")
+    tracked = f", test top-1 {last['test_top1']:.4f}" if "test_top1" in last else ""
+    print(f"baseline[{args.method}]: trained{tracked} -> {logits_out}")
 
 
 def cli(argv: list[str] | None = None) -> None:
