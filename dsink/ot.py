@@ -695,44 +695,48 @@ def _dsink_scaling(
     exact maximum, and a class whose every ``q_ic`` underflows gets its total from a log-domain
     ``logsumexp``, so no step forms ``log 0`` or loses a class.
     """
-    tiny = torch.finfo(log_k.dtype).tiny
-    log_r = _safe_log(r)
+    low_sum = torch.finfo(log_k.dtype).tiny * 1e6
+    pos = r > 0
+    log_r = torch.where(pos, r, 1.0).log()  # finite; only read where pos
+    inv_r = 1.0 / r.clamp(min=1.0)  # err = max_c |s_c - r_c| / max(r_c, 1)
     row_max = log_k.amax(-1, keepdim=True)  # finite: every row reaches some class
     base = log_k - row_max  # <= 0, row max exactly 0
-    log_u = torch.where(r > 0, 0.0, _NEG_INF).to(log_k.dtype)
+    neg_inf = torch.full_like(r, _NEG_INF)
+    log_u = torch.where(pos, 0.0, neg_inf)
     work = torch.empty_like(base)
-    n_iter, err = 0, math.inf
-
-    def unnormalised_rows(log_u: torch.Tensor) -> torch.Tensor:
-        """``exp`` of the shifted log-plan rows into ``work``; returns their sums (all in normal range)."""
+    n_iter = 0
+    while True:
+        # exp of the log-plan rows shifted by a bound on their maximum (log_u <= 0 after the shift)
         shifted_u = (log_u - log_u.amax(-1, keepdim=True)).unsqueeze(-2)
         torch.add(base, shifted_u, out=work).exp_()
         sums = work.sum(-1)
-        low = sums < tiny * 1e6
-        if bool(low.any()):  # rare: recompute those rows shifted by their exact maximum
+        # class totals s_c = sum_i work_ic / sums_i, as one matrix-vector product
+        s = (sums.reciprocal().unsqueeze(-2) @ work).squeeze(-2)
+        # one device sync per iteration: the error, the smallest row sum, the smallest class total with mass
+        stats = torch.stack(
+            (((s - r).abs() * inv_r).amax(), sums.amin(), torch.where(pos, s, 1.0).amin())
+        ).tolist()
+        err, min_sum, min_s = stats
+        if min_sum < low_sum:  # rare: rows whose bound was too loose, recomputed with their exact maximum
             z = base + shifted_u
+            low = sums < low_sum
             shift = torch.where(low, z.amax(-1), 0.0)
             torch.exp(z - shift.unsqueeze(-1), out=work)
             sums = work.sum(-1)
-        return sums
-
-    while True:
-        sums = unnormalised_rows(log_u)
-        # class totals s_c = sum_i work_ic / sums_i, as one matrix-vector product
-        s = (sums.reciprocal().unsqueeze(-2) @ work).squeeze(-2)
-        err = ((s - r).abs() / r.clamp(min=1.0)).max().item()
+            s = (sums.reciprocal().unsqueeze(-2) @ work).squeeze(-2)
+            err = ((s - r).abs() * inv_r).amax().item()
+            min_s = torch.where(pos, s, 1.0).amin().item()
         if err <= tol or n_iter >= max_iter:
             break
-        log_s = _safe_log(s)
-        lost = torch.isneginf(log_s) & (r > 0)
-        if bool(lost.any()):  # a class whose every q underflowed: its total in the log domain
+        log_s = s.log()
+        if min_s <= 0:  # a class whose every q underflowed: its total in the log domain
             z = base + log_u.unsqueeze(-2)
             log_q = z - torch.logsumexp(z, -1, keepdim=True)
-            log_s = torch.where(lost, torch.logsumexp(log_q, -2), log_s)
-        log_u = log_u + _log_ratio(log_r, log_s)
-        log_u = log_u - log_u.amax(-1, keepdim=True)
+            log_s = torch.where(pos & (s <= 0), torch.logsumexp(log_q, -2), log_s)
+        log_u = torch.where(pos, log_u + (log_r - log_s), neg_inf)
         n_iter += 1
     q = work.div_(sums.unsqueeze(-1))
+    log_u = log_u - log_u.amax(-1, keepdim=True)
     info: dict[str, Any] = {"n_iter": n_iter, "err": err, "log_u": log_u}
     if want_log_v:
         info["log_v"] = -(torch.logsumexp(base + log_u.unsqueeze(-2), -1) + row_max.squeeze(-1))
