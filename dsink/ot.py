@@ -624,19 +624,9 @@ def dsink_targets(
             raise ValueError(f"{name} is on {x.device} but log_p_noise is on {log_p_noise.device}")
     if not p_imbalance.is_floating_point():
         raise ValueError(f"p_imbalance must be a floating-point tensor, got dtype {p_imbalance.dtype}")
-    # One pass per input on the common path (everything finite); the detailed checks, which name the
-    # problem, run only when something is not.
-    all_finite = True
     for x, name in ((log_p_noise, "log_p_noise"), (log_p_student, "log_p_student")):
         if not x.is_floating_point():
             raise ValueError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
-        if not bool(torch.isfinite(x).all()):
-            _check_log_probs(x, name)
-            all_finite = False
-    if not bool(torch.isfinite(p_imbalance).all()):
-        _check_finite(p_imbalance, "p_imbalance")
-    if bool((p_imbalance < 0).any()):
-        raise ValueError("p_imbalance has negative entries (expected probabilities, not log-probabilities)")
     reg = _check_positive_scalar(reg, "reg")
     temperature = _check_positive_scalar(temperature, "temperature")
     _check_iter_args(max_iter, tol, 1)
@@ -648,8 +638,19 @@ def dsink_targets(
         lp_student = torch.log_softmax(lp_student / temperature, dim=-1)
     # log kernel -P / reg, (…, N, C); -inf where a teacher gives probability 0
     log_k = (lp_noise + lp_student).div_(reg)
-    n = log_k.shape[-2]
-    r = p_imbalance.detach().to(log_k.dtype).sum(-2)  # (…, C)
+    n, c = log_k.shape[-2], log_k.shape[-1]
+    p_l = p_imbalance.detach().to(log_k.dtype)
+    # Validation in one cheap pass on the common path: the sum of the row sums (a matrix-vector product)
+    # is finite exactly when no input holds NaN or +-inf; only then do the checks that name the problem run.
+    r = p_l.transpose(-1, -2) @ torch.ones(n, dtype=p_l.dtype, device=p_l.device)  # (…, C)
+    all_finite = math.isfinite((log_k @ torch.ones(c, dtype=log_k.dtype, device=log_k.device)).sum().item())
+    if not all_finite:
+        _check_log_probs(log_p_noise, "log_p_noise")
+        _check_log_probs(log_p_student, "log_p_student")
+    if not math.isfinite(r.sum().item()):
+        _check_finite(p_imbalance, "p_imbalance")
+    if p_l.amin().item() < 0:
+        raise ValueError("p_imbalance has negative entries (expected probabilities, not log-probabilities)")
     total = r.sum(-1, keepdim=True)
     if bool((total <= 0).any()):
         raise ValueError("p_imbalance has zero total mass")
@@ -699,8 +700,11 @@ def _dsink_scaling(
     pos = r > 0
     log_r = torch.where(pos, r, 1.0).log()  # finite; only read where pos
     inv_r = 1.0 / r.clamp(min=1.0)  # err = max_c |s_c - r_c| / max(r_c, 1)
-    row_max = log_k.amax(-1, keepdim=True)  # finite: every row reaches some class
-    base = log_k - row_max  # <= 0, row max exactly 0
+    # log-probabilities are <= 0, so log_k is a safe shift already; rows whose sum leaves the normal range
+    # (strongly disagreeing confident teachers, or inputs that are not normalised) are redone exactly
+    base = log_k
+    ones = torch.ones(log_k.shape[-1], dtype=log_k.dtype, device=log_k.device)
+    high_sum = torch.finfo(log_k.dtype).max / (4 * log_k.shape[-1])
     neg_inf = torch.full_like(r, _NEG_INF)
     log_u = torch.where(pos, 0.0, neg_inf)
     work = torch.empty_like(base)
@@ -709,20 +713,20 @@ def _dsink_scaling(
         # exp of the log-plan rows shifted by a bound on their maximum (log_u <= 0 after the shift)
         shifted_u = (log_u - log_u.amax(-1, keepdim=True)).unsqueeze(-2)
         torch.add(base, shifted_u, out=work).exp_()
-        sums = work.sum(-1)
+        sums = work @ ones
         # class totals s_c = sum_i work_ic / sums_i, as one matrix-vector product
         s = (sums.reciprocal().unsqueeze(-2) @ work).squeeze(-2)
         # one device sync per iteration: the error, the smallest row sum, the smallest class total with mass
         stats = torch.stack(
-            (((s - r).abs() * inv_r).amax(), sums.amin(), torch.where(pos, s, 1.0).amin())
+            (((s - r).abs() * inv_r).amax(), sums.amin(), sums.amax(), torch.where(pos, s, 1.0).amin())
         ).tolist()
-        err, min_sum, min_s = stats
-        if min_sum < low_sum:  # rare: rows whose bound was too loose, recomputed with their exact maximum
+        err, min_sum, max_sum, min_s = stats
+        if not (low_sum <= min_sum and max_sum <= high_sum):  # rare: rows redone with their exact maximum
             z = base + shifted_u
-            low = sums < low_sum
-            shift = torch.where(low, z.amax(-1), 0.0)
+            redo = (sums < low_sum) | (sums > high_sum) | ~torch.isfinite(sums)
+            shift = torch.where(redo, z.amax(-1), 0.0)
             torch.exp(z - shift.unsqueeze(-1), out=work)
-            sums = work.sum(-1)
+            sums = work @ ones
             s = (sums.reciprocal().unsqueeze(-2) @ work).squeeze(-2)
             err = ((s - r).abs() * inv_r).amax().item()
             min_s = torch.where(pos, s, 1.0).amin().item()
@@ -739,5 +743,5 @@ def _dsink_scaling(
     log_u = log_u - log_u.amax(-1, keepdim=True)
     info: dict[str, Any] = {"n_iter": n_iter, "err": err, "log_u": log_u}
     if want_log_v:
-        info["log_v"] = -(torch.logsumexp(base + log_u.unsqueeze(-2), -1) + row_max.squeeze(-1))
+        info["log_v"] = -torch.logsumexp(base + log_u.unsqueeze(-2), -1)
     return q, info

@@ -480,3 +480,14 @@ def test_dsink_targets_extreme_confidence_matches_generic_sinkhorn() -> None:
     assert torch.isfinite(info["log_v"]).all() and torch.isfinite(info["log_u"]).all()
     rebuilt = torch.exp(lpn / 2 + lps / 2 + info["log_u"] + info["log_v"][:, None])
     torch.testing.assert_close(rebuilt, q, rtol=0, atol=1e-8)
+
+
+def test_dsink_targets_invariant_to_row_shifts_of_unnormalised_inputs() -> None:
+    """Adding a per-sample constant to either input cancels in every row's softmax: scores far above 0
+    (not normalised) or far below (confident teachers that disagree) give the same Q, without overflow."""
+    lpn, lps, pl = _teachers(60, 5, seed=31)
+    q = dsink_targets(lpn, lps, pl, tol=1e-12)
+    shift = torch.linspace(-300.0, 300.0, 60, dtype=torch.float64)[:, None]
+    torch.testing.assert_close(
+        dsink_targets(lpn + shift, lps + 2 * shift, pl, tol=1e-12), q, rtol=0, atol=1e-9
+    )
