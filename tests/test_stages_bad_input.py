@@ -154,6 +154,31 @@ def test_evaluate_without_student_logits(work, capsys):
     assert_clean_failure(code, err, "data/student/logits.parquet", [work / "metrics/evaluate.json"])
 
 
+@pytest.mark.parametrize("missing", ["ce", "la_gce"])
+def test_evaluate_without_a_baseline(work, capsys, missing):
+    for path, role in (
+        ("data/logits/noise.parquet", "noise"),
+        ("data/logits/imbalance.parquet", "imbalance"),
+        ("data/student/logits.parquet", "student"),
+        ("data/baselines/ce/logits.parquet", "baseline_ce"),
+        ("data/baselines/la_gce/logits.parquet", "baseline_la_gce"),
+    ):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        good_logits(Path(path), role)
+    os.remove(f"data/baselines/{missing}/logits.parquet")
+    code, err = run_stage("evaluate", [], capsys)
+    assert_clean_failure(
+        code, err, f"data/baselines/{missing}/logits.parquet", [work / "metrics/evaluate.json"]
+    )
+
+
+def test_train_baseline_without_corrupted_set(work, capsys):
+    os.remove("data/corrupted/train.parquet")
+    code, err = run_stage("train_baseline", ["--method", "ce"], capsys)
+    outs = [work / "data/baselines/ce/model.pt", work / "data/baselines/ce/logits.parquet"]
+    assert_clean_failure(code, err, "data/corrupted/train.parquet", outs)
+
+
 def test_debug_shows_the_traceback(work, capsys):
     os.remove("data/corrupted/train.parquet")
     code, err = run_stage("train_teacher", ["--role", "noise", "--debug"], capsys)

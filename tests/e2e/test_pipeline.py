@@ -26,7 +26,7 @@ def test_repro_corrupt_then_everything(repo: Path):
     out = run([DVC, "repro"], repo)
     assert ran_stages(out) == ALL_STAGES - {"corrupt"}
     metrics = json.loads((repo / "metrics/evaluate.json").read_text())
-    for name in ("dsink", "imbalance_teacher", "noise_teacher"):
+    for name in ("dsink", "imbalance_teacher", "noise_teacher", "teacher_average", "ce", "la_gce"):
         for key in ("top1", "many", "medium", "few"):
             assert metrics[name][key] is None or 0.0 <= metrics[name][key] <= 1.0
     assert 0.0 <= metrics["dsink"]["corrected"] <= 1.0
