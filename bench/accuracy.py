@@ -194,6 +194,10 @@ def summarise(runs: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
         row["dsink_margin_over_best_single"] = (
             row["methods"]["dsink"]["top1"]["mean"] - row["methods"][best_single]["top1"]["mean"]
         )
+        # paired by seed (same corrupted set): the spread of the margin itself, not of each method
+        row["dsink_paired_margin"] = _stat(
+            [r["metrics"]["dsink"]["top1"] - r["metrics"][best_single]["top1"] for r in seeds]
+        )
         top1 = {k: row["methods"][k]["top1"]["mean"] for k in ("dsink", "ce")}
         row["dsink_margin_over_ce"] = top1["dsink"] - top1["ce"]
         rows.append(row)
@@ -210,11 +214,13 @@ def _pct(s: dict[str, Any]) -> str:
 def markdown(rows: list[dict[str, Any]]) -> str:
     lines = []
     labels = " | ".join(label for _, label in METHODS)
-    head = f"| ratio | noise | seeds | {labels} | D-SINK - best single |"
+    head = f"| ratio | noise | seeds | {labels} | D-SINK - best single (paired by seed) |"
     lines += [head, "|" + "---|" * (len(METHODS) + 4)]
     for row in rows:
         cells = [_pct(row["methods"][k]["top1"]) for k, _ in METHODS]
-        margin = f"{100 * row['dsink_margin_over_best_single']:+.2f} ({row['best_single']})"
+        paired = row["dsink_paired_margin"]
+        spread = f" ± {100 * paired['std']:.2f}" if paired["std"] is not None else ""
+        margin = f"{100 * row['dsink_margin_over_best_single']:+.2f}{spread} ({row['best_single']})"
         lead = f"| {row['ratio']} | {row['noise']} | {len(row['seeds'])} | "
         lines.append(lead + " | ".join(cells) + f" | {margin} |")
     lines += ["", "Few-shot / many-shot top-1 and share of noisy training labels corrected:", ""]
