@@ -681,6 +681,27 @@ def _check_dsink_feasible(log_k: torch.Tensor, r: torch.Tensor) -> None:
         )
 
 
+_TOTALS_CHUNK = 65536
+
+
+def _class_totals(work: torch.Tensor, sums: torch.Tensor) -> torch.Tensor:
+    """``s_c = sum_i work_ic / sums_i`` in float64, from float32 matrix-vector products over row chunks.
+
+    One product over 10^6 float32 rows accumulates enough rounding (~1e-4 relative) to stall a
+    tolerance of 1e-4 on the class totals; chunks of 65,536 rows keep each product's error near 1e-6
+    and the chunk partials add up in float64. Problems of one chunk cost a single product, as before.
+    """
+    inv = sums.reciprocal().unsqueeze(-2)
+    n = work.shape[-2]
+    if n <= _TOTALS_CHUNK:
+        return (inv @ work).squeeze(-2).to(torch.float64)
+    total = torch.zeros(work.shape[:-2] + work.shape[-1:], dtype=torch.float64, device=work.device)
+    for start in range(0, n, _TOTALS_CHUNK):
+        sl = slice(start, start + _TOTALS_CHUNK)
+        total += (inv[..., sl] @ work[..., sl, :]).squeeze(-2).to(torch.float64)
+    return total
+
+
 def _dsink_scaling(
     log_k: torch.Tensor, r: torch.Tensor, max_iter: int, tol: float, want_log_v: bool = False
 ) -> tuple[torch.Tensor, dict[str, Any]]:
@@ -698,14 +719,15 @@ def _dsink_scaling(
     """
     low_sum = torch.finfo(log_k.dtype).tiny * 1e6
     pos = r > 0
-    log_r = torch.where(pos, r, 1.0).log()  # finite; only read where pos
+    log_r = torch.where(pos, r, 1.0).log().to(log_k.dtype)  # finite; only read where pos
+    r = r.to(torch.float64)  # class totals are compared in float64 (see _class_totals)
     inv_r = 1.0 / r.clamp(min=1.0)  # err = max_c |s_c - r_c| / max(r_c, 1)
     # log-probabilities are <= 0, so log_k is a safe shift already; rows whose sum leaves the normal range
     # (strongly disagreeing confident teachers, or inputs that are not normalised) are redone exactly
     base = log_k
     ones = torch.ones(log_k.shape[-1], dtype=log_k.dtype, device=log_k.device)
     high_sum = torch.finfo(log_k.dtype).max / (4 * log_k.shape[-1])
-    neg_inf = torch.full_like(r, _NEG_INF)
+    neg_inf = torch.full_like(r, _NEG_INF, dtype=log_k.dtype)
     log_u = torch.where(pos, 0.0, neg_inf)
     work = torch.empty_like(base)
     n_iter = 0
@@ -714,8 +736,7 @@ def _dsink_scaling(
         shifted_u = (log_u - log_u.amax(-1, keepdim=True)).unsqueeze(-2)
         torch.add(base, shifted_u, out=work).exp_()
         sums = work @ ones
-        # class totals s_c = sum_i work_ic / sums_i, as one matrix-vector product
-        s = (sums.reciprocal().unsqueeze(-2) @ work).squeeze(-2)
+        s = _class_totals(work, sums)
         # one device sync per iteration: the error, the smallest row sum, the smallest class total with mass
         stats = torch.stack(
             (((s - r).abs() * inv_r).amax(), sums.amin(), sums.amax(), torch.where(pos, s, 1.0).amin())
@@ -727,12 +748,12 @@ def _dsink_scaling(
             shift = torch.where(redo, z.amax(-1), 0.0)
             torch.exp(z - shift.unsqueeze(-1), out=work)
             sums = work @ ones
-            s = (sums.reciprocal().unsqueeze(-2) @ work).squeeze(-2)
+            s = _class_totals(work, sums)
             err = ((s - r).abs() * inv_r).amax().item()
             min_s = torch.where(pos, s, 1.0).amin().item()
         if err <= tol or n_iter >= max_iter:
             break
-        log_s = s.log()
+        log_s = s.log().to(log_u.dtype)
         if min_s <= 0:  # a class whose every q underflowed: its total in the log domain
             z = base + log_u.unsqueeze(-2)
             log_q = z - torch.logsumexp(z, -1, keepdim=True)
