@@ -186,7 +186,7 @@ def summarise(runs: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
         }
         for key, _ in METHODS:
             row["methods"][key] = {
-                m: _stat([r["metrics"][key][m] for r in seeds])
+                m: _stat([r["metrics"][key].get(m) for r in seeds])
                 for m in ("top1", "many", "medium", "few", "corrected")
             }
         best_single = max(SINGLE, key=lambda k: row["methods"][k]["top1"]["mean"])
