@@ -599,7 +599,7 @@ def dsink_targets(
             ``Q`` sum to 1 up to rounding.
         log: also return the solver info: ``n_iter``, ``err`` (the class-total error that ``tol`` bounds),
             ``log_u`` (class potential, ``(…, C)``), ``log_v`` (sample potential, ``(…, N)``),
-            ``row_err`` = ``max_i |sum_c Q_ic - 1|`` and ``class_err`` = ``max_c |sum_i Q_ic - r_c| / N``.
+            ``row_err`` = ``max_i |sum_c Q_ic - 1|`` and ``class_err`` (the same as ``err``).
 
     Returns:
         ``Q`` with the shape of the inputs, detached; or ``(Q, info)`` if ``log``.
@@ -655,8 +655,10 @@ def dsink_targets(
     if bool((total <= 0).any()):
         raise ValueError("p_imbalance has zero total mass")
     r = r * (n / total)
-    if not all_finite:
-        _check_dsink_feasible(log_k, r)
+    if not all_finite:  # -inf log-probabilities: the generic checks of a feasible transport problem
+        _validate_sinkhorn_inputs(
+            r, torch.ones(r.shape[:-1] + (n,), dtype=r.dtype, device=r.device), -log_k.mT, 1.0
+        )
     q, info = _dsink_scaling(log_k, r, int(max_iter), float(tol), want_log_v=log)
     if info["err"] > tol:
         _warn_not_converged("dsink_targets", info["n_iter"], info["err"], tol)
@@ -665,20 +667,6 @@ def dsink_targets(
         info["class_err"] = info["err"]
         return q, info
     return q
-
-
-def _check_dsink_feasible(log_k: torch.Tensor, r: torch.Tensor) -> None:
-    """Every sample must reach a class with mass, and every class with mass must reach a sample."""
-    finite = torch.isfinite(log_k)
-    has_mass = (r > 0).unsqueeze(-2)
-    if not bool((finite & has_mass).any(-1).all()):
-        raise ValueError(
-            "infeasible problem: a sample gives probability 0 (log -inf) to every class with mass in f_L"
-        )
-    if not bool((finite.any(-2) | (r <= 0)).all()):
-        raise ValueError(
-            "infeasible problem: a class with mass in f_L has probability 0 under a teacher for every sample"
-        )
 
 
 _TOTALS_CHUNK = 65536
@@ -710,12 +698,12 @@ def _dsink_scaling(
     Every sample carries mass 1, so for a class potential ``log_u`` the sample potential is exact:
     ``q_i = softmax_c(log_k_i + log_u)``. One iteration is then ``log_u += log r - log s`` with
     ``s_c = sum_i q_ic``, the same update as the row/column half-steps of :func:`sinkhorn` but with one
-    exponential pass over N x C instead of two: rows are shifted by an upper bound of their maximum
-    (``max_c log_k_ic`` precomputed, plus ``max_c log_u_c``), exponentiated in place, normalised by
-    their sum, and ``s`` is a matrix-vector product. Rows whose shifted sum falls below the normal
-    range (possible only when ``log_u`` spreads over more than ~80 nats) are recomputed with their
-    exact maximum, and a class whose every ``q_ic`` underflows gets its total from a log-domain
-    ``logsumexp``, so no step forms ``log 0`` or loses a class.
+    exponential pass over N x C instead of two: ``log_k + log_u - max(log_u)`` is <= 0 for
+    log-probabilities, so it is exponentiated in place without a per-row maximum, rows are normalised by
+    their sum, and ``s`` is a matrix-vector product. Rows whose sum leaves the normal range (teachers
+    that confidently disagree, ``log_u`` spread over more than ~80 nats, or unnormalised inputs) are
+    recomputed with their exact maximum, and a class whose every ``q_ic`` underflows gets its total
+    from a log-domain ``logsumexp``, so no step forms ``log 0`` or loses a class.
     """
     low_sum = torch.finfo(log_k.dtype).tiny * 1e6
     pos = r > 0
@@ -724,38 +712,38 @@ def _dsink_scaling(
     inv_r = 1.0 / r.clamp(min=1.0)  # err = max_c |s_c - r_c| / max(r_c, 1)
     # log-probabilities are <= 0, so log_k is a safe shift already; rows whose sum leaves the normal range
     # (strongly disagreeing confident teachers, or inputs that are not normalised) are redone exactly
-    base = log_k
     ones = torch.ones(log_k.shape[-1], dtype=log_k.dtype, device=log_k.device)
     high_sum = torch.finfo(log_k.dtype).max / (4 * log_k.shape[-1])
     neg_inf = torch.full_like(r, _NEG_INF, dtype=log_k.dtype)
     log_u = torch.where(pos, 0.0, neg_inf)
-    work = torch.empty_like(base)
+    work = torch.empty_like(log_k)
     n_iter = 0
+
+    def measure(sums: torch.Tensor) -> tuple[torch.Tensor, list[float]]:
+        """Class totals, and in one device sync: the error, the row-sum range, the least total with mass."""
+        s = _class_totals(work, sums)
+        err = ((s - r).abs() * inv_r).amax()
+        stats = torch.stack((err, sums.amin(), sums.amax(), torch.where(pos, s, 1.0).amin())).tolist()
+        return s, stats
+
     while True:
         # exp of the log-plan rows shifted by a bound on their maximum (log_u <= 0 after the shift)
         shifted_u = (log_u - log_u.amax(-1, keepdim=True)).unsqueeze(-2)
-        torch.add(base, shifted_u, out=work).exp_()
+        torch.add(log_k, shifted_u, out=work).exp_()
         sums = work @ ones
-        s = _class_totals(work, sums)
-        # one device sync per iteration: the error, the smallest row sum, the smallest class total with mass
-        stats = torch.stack(
-            (((s - r).abs() * inv_r).amax(), sums.amin(), sums.amax(), torch.where(pos, s, 1.0).amin())
-        ).tolist()
-        err, min_sum, max_sum, min_s = stats
+        s, (err, min_sum, max_sum, min_s) = measure(sums)
         if not (low_sum <= min_sum and max_sum <= high_sum):  # rare: rows redone with their exact maximum
-            z = base + shifted_u
+            z = log_k + shifted_u
             redo = (sums < low_sum) | (sums > high_sum) | ~torch.isfinite(sums)
             shift = torch.where(redo, z.amax(-1), 0.0)
             torch.exp(z - shift.unsqueeze(-1), out=work)
             sums = work @ ones
-            s = _class_totals(work, sums)
-            err = ((s - r).abs() * inv_r).amax().item()
-            min_s = torch.where(pos, s, 1.0).amin().item()
+            s, (err, _, _, min_s) = measure(sums)
         if err <= tol or n_iter >= max_iter:
             break
         log_s = s.log().to(log_u.dtype)
         if min_s <= 0:  # a class whose every q underflowed: its total in the log domain
-            z = base + log_u.unsqueeze(-2)
+            z = log_k + log_u.unsqueeze(-2)
             log_q = z - torch.logsumexp(z, -1, keepdim=True)
             log_s = torch.where(pos & (s <= 0), torch.logsumexp(log_q, -2), log_s)
         log_u = torch.where(pos, log_u + (log_r - log_s), neg_inf)
@@ -764,5 +752,5 @@ def _dsink_scaling(
     log_u = log_u - log_u.amax(-1, keepdim=True)
     info: dict[str, Any] = {"n_iter": n_iter, "err": err, "log_u": log_u}
     if want_log_v:
-        info["log_v"] = -torch.logsumexp(base + log_u.unsqueeze(-2), -1)
+        info["log_v"] = -torch.logsumexp(log_k + log_u.unsqueeze(-2), -1)
     return q, info

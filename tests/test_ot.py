@@ -491,3 +491,17 @@ def test_dsink_targets_invariant_to_row_shifts_of_unnormalised_inputs() -> None:
     torch.testing.assert_close(
         dsink_targets(lpn + shift, lps + 2 * shift, pl, tol=1e-12), q, rtol=0, atol=1e-9
     )
+
+
+def test_dsink_targets_infeasible_problems_are_refused() -> None:
+    lpn, lps, pl = _teachers(30, 4, seed=41)
+    bad = lpn.clone()
+    bad[:, 3] = -math.inf  # f_L gives class 3 mass, f_N gives it probability 0 for every sample
+    with pytest.raises(ValueError, match="infeasible"):
+        dsink_targets(bad, lps, pl)
+    pl0 = pl.clone()
+    pl0[:, 0] = 0.0  # class 0 has no mass; sample 5 can only go to class 0
+    bad = lps.clone()
+    bad[5, 1:] = -math.inf
+    with pytest.raises(ValueError, match="infeasible"):
+        dsink_targets(lpn, bad, pl0)
