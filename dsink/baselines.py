@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 import torch
 
 from dsink import losses
@@ -19,8 +18,9 @@ from dsink.dump import model_logits, write_model_logits
 from dsink.engine import clear_checkpoint, save_state_dict, setup_runtime, teardown_runtime, train
 from dsink.models import build_model
 from dsink.params import BASELINES, Params
+from dsink.priors import label_log_prior
 from dsink.runs import checkpoint_dir, open_corpus, stage_config
-from dsink.teachers import TeacherRecipe, log_prior
+from dsink.teachers import TeacherRecipe
 from dsink.tracking import epoch_tracker
 
 
@@ -40,7 +40,7 @@ def baseline_recipe(method: str, params: Params, index: CorruptedIndex) -> Teach
     """The objective of baseline ``method`` and the space its raw logits are in."""
     if method not in BASELINES:
         raise ValueError(f"baseline {method!r}; expected one of {', '.join(BASELINES)}")
-    lp = log_prior(np.bincount(index.noisy_label, minlength=index.num_classes))
+    lp = torch.tensor(label_log_prior(index.noisy_label, index.num_classes), dtype=torch.float32)
     if method == "la_gce":
         p = params.baselines.la_gce
         offset = p.tau * lp

@@ -42,7 +42,12 @@ from dsink.params import TrainParams
 
 
 class Objective(Protocol):
-    """A training loss over a batch. ``rows`` index the corrupted set (per-sample state, teacher logits)."""
+    """A training loss over a batch. ``rows`` index the corrupted set (per-sample state, teacher logits).
+
+    An objective may also define ``epoch_metrics() -> dict[str, float]``: called once at the end of every
+    epoch (every rank), its values join that epoch's record (dvclive curves, checkpoint history). The
+    D-SINK objective reports its Sinkhorn solves there, the noise teacher its noise-rate estimate.
+    """
 
     def __call__(
         self, logits: torch.Tensor, labels: torch.Tensor, rows: torch.Tensor, epoch_progress: float
@@ -269,6 +274,9 @@ def train(
             "train_noisy_label_acc": float(tot_hit / tot_n),
             "lr": float(opt.param_groups[0]["lr"]),
         }
+        epoch_metrics = getattr(objective, "epoch_metrics", None)
+        if epoch_metrics is not None:
+            record.update({k: float(v) for k, v in epoch_metrics().items()})
         tracked = p.track_every > 0 and ((epoch + 1) % p.track_every == 0 or epoch + 1 == p.epochs)
         if evaluate is not None and rt.is_main and tracked:
             model.eval()

@@ -12,18 +12,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 
 from dsink import losses
 from dsink.artifacts import CorruptedIndex
 from dsink.params import ImbalanceTeacherParams, NoiseTeacherParams
-
-
-def log_prior(counts: np.ndarray) -> torch.Tensor:
-    """Log class frequencies; a class with no label gets one pseudo-count so the log stays finite."""
-    c = np.maximum(np.asarray(counts, dtype=np.float64), 1.0)
-    return torch.tensor(np.log(c / c.sum()), dtype=torch.float32)
+from dsink.priors import label_log_prior
 
 
 @dataclass
@@ -76,7 +70,7 @@ class _NoiseObjective:
 
 
 def imbalance_recipe(p: ImbalanceTeacherParams, index: CorruptedIndex) -> TeacherRecipe:
-    lp = log_prior(np.bincount(index.noisy_label, minlength=index.num_classes))
+    lp = torch.tensor(label_log_prior(index.noisy_label, index.num_classes), dtype=torch.float32)
     if p.method == "logit_adjustment":
         offset, space = p.tau * lp, ("balanced" if p.tau > 0 else "train")
     elif p.method == "balanced_softmax":
