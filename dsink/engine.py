@@ -8,13 +8,22 @@
   params and inputs), so a killed stage resumes where it stopped and a params change never resumes a
   stale run. Written atomically; loaded with ``weights_only=True``.
 - tqdm progress (silent when stderr is not a TTY or TQDM_DISABLE is set), dvclive metrics per epoch.
+- ``bf16`` / ``channels_last``: ``true``, ``false`` or ``"auto"``. ``auto`` is decided per machine before the
+  first epoch: a few forward/backward steps of this model on the run's first batch are timed each way
+  (:func:`pick_precision`; rank 0 decides and broadcasts under DDP), the faster is kept and printed, and a
+  resumed run reuses the decision saved in its checkpoint. Whether bf16 pays off depends on the CPU
+  (AVX-512 BF16 / AMX) or GPU: on a CPU without them it is several times *slower* (``bench/precision.py``).
 """
 
 from __future__ import annotations
 
+import copy
+import logging
 import math
 import os
 import shutil
+import statistics
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,7 +47,9 @@ from dsink.data.views import (
     iterate,
 )
 from dsink.errors import DsinkError
-from dsink.params import TrainParams
+from dsink.params import AUTO, TrainParams
+
+log = logging.getLogger(__name__)
 
 
 class Objective(Protocol):
@@ -156,11 +167,128 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         raise DsinkError(f"{path}: refused to load as a plain state dict ({first[:200]})") from exc
 
 
+@dataclass(frozen=True)
+class Precision:
+    """How a training step runs: bfloat16 autocast or not, channels-last layout or not (plain bools)."""
+
+    bf16: bool = False
+    channels_last: bool = False
+
+    @property
+    def label(self) -> str:
+        parts = [name for name, on in (("bf16", self.bf16), ("channels_last", self.channels_last)) if on]
+        return "+".join(parts) or "fp32"
+
+
+StepTimer = Callable[[Precision], float]  # seconds one training step takes under a setting
+
+
+def precision_candidates(bf16: bool | str, channels_last: bool | str) -> list[Precision]:
+    """Every setting the params allow, ``auto`` fields tried both ways; the first is the plain one."""
+    b = (False, True) if bf16 == AUTO else (bool(bf16),)
+    c = (False, True) if channels_last == AUTO else (bool(channels_last),)
+    return [Precision(x, y) for x in b for y in c]
+
+
+def pick_precision(
+    candidates: list[Precision], time_step: StepTimer, min_gain: float = 0.05
+) -> tuple[Precision, dict[Precision, float]]:
+    """The fastest candidate by ``time_step``; the first (plain) one unless another saves >= ``min_gain``.
+
+    Timing noise on a busy machine is a few percent, and the plain setting is the exact one (fp32), so a
+    switch must pay for itself.
+    """
+    times = {c: float(time_step(c)) for c in candidates}
+    plain = candidates[0]
+    best = min(candidates, key=lambda c: times[c])
+    if times[best] > (1.0 - min_gain) * times[plain]:
+        best = plain
+    return best, times
+
+
+def step_timer(
+    model: nn.Module,
+    x: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    steps: int = 3,
+    warmup: int = 1,
+    clock: Callable[[], float] = time.perf_counter,
+) -> StepTimer:
+    """A :data:`StepTimer` for ``model`` on batch ``(x, labels)``: the median of ``steps`` timed
+    forward + backward passes after ``warmup`` untimed ones, on a copy of the model (the real one, its
+    BatchNorm statistics and the global RNG are left as they were)."""
+    device = x.device
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def measure(prec: Precision) -> float:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            m = copy.deepcopy(model).train()
+            xx = x
+            if prec.channels_last:
+                m = m.to(memory_format=torch.channels_last)
+                xx = x.contiguous(memory_format=torch.channels_last)
+            samples = []
+            for i in range(warmup + steps):
+                sync()
+                start = clock()
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=prec.bf16):
+                    z = m(xx)
+                loss = nn.functional.cross_entropy(z.float(), labels)
+                m.zero_grad(set_to_none=True)
+                loss.backward()
+                sync()
+                elapsed = clock() - start
+                if i >= warmup:
+                    samples.append(elapsed)
+            del m
+        return statistics.median(samples)
+
+    return measure
+
+
+def resolve_precision(
+    p: TrainParams,
+    rt: Runtime,
+    make_timer: Callable[[], StepTimer],
+    *,
+    saved: dict[str, bool] | None = None,
+    desc: str = "train",
+) -> Precision:
+    """``p.bf16`` / ``p.channels_last`` as plain bools; ``auto`` fields decided by timing.
+
+    ``make_timer()`` builds the :data:`StepTimer` (called on rank 0 only when a field is auto, so the
+    timing batch is only loaded then). ``saved``: the decision of the run being resumed. Under DDP only
+    rank 0 times and the result is broadcast, so every rank trains the same way.
+    """
+    candidates = precision_candidates(p.bf16, p.channels_last)
+    if len(candidates) == 1:
+        return candidates[0]
+    if saved is not None:
+        chosen = Precision(bool(saved["bf16"]), bool(saved["channels_last"]))
+        if rt.is_main:
+            print(f"{desc}: precision auto -> {chosen.label} (from the checkpoint)", flush=True)
+        return chosen
+    chosen = candidates[0]
+    if rt.is_main:
+        chosen, times = pick_precision(candidates, make_timer())
+        shown = ", ".join(f"{c.label} {times[c] * 1e3:.1f} ms" for c in candidates)
+        msg = f"{desc}: precision auto -> {chosen.label} (one training step: {shown})"
+        log.info(msg)
+        print(msg, flush=True)
+    if rt.distributed:
+        flags = torch.tensor([int(chosen.bf16), int(chosen.channels_last)], device=rt.device)
+        dist.broadcast(flags, src=0)
+        chosen = Precision(bool(flags[0].item()), bool(flags[1].item()))
+    return chosen
+
+
 @dataclass
 class TrainResult:
     model: nn.Module
     history: list[dict[str, float]]
     resumed_from_epoch: int
+    precision: Precision = field(default_factory=Precision)
 
 
 def train(
@@ -178,21 +306,40 @@ def train(
     on_epoch_start: Callable[[nn.Module, int], None] | None = None,
     objective_state: Any = None,
     desc: str = "train",
+    precision_timer: StepTimer | None = None,
 ) -> TrainResult:
     """Train ``model`` on ``data`` with ``objective``; resume from ``checkpoint_dir`` when it holds a run.
 
     ``evaluate(model)`` (rank 0, eval mode) adds metrics per epoch; ``on_epoch_start(model, epoch)`` lets
     the D-SINK dataset scope re-solve its targets; ``objective_state`` is anything with ``state_dict`` /
-    ``load_state_dict`` (e.g. ELR's target buffer) saved in the checkpoint.
+    ``load_state_dict`` (e.g. ELR's target buffer) saved in the checkpoint. ``precision_timer`` replaces
+    the measurement behind ``bf16`` / ``channels_last: auto`` (tests); the decision is
+    ``TrainResult.precision``.
     """
     device = rt.device
     model = model.to(device)
-    if p.channels_last:
-        model = model.to(memory_format=torch.channels_last)
     if p.batch_size % rt.world_size:
         raise DsinkError(f"batch_size {p.batch_size} is not divisible by the world size {rt.world_size}")
     local_bs = p.batch_size // rt.world_size
     n = len(data)
+    ckpt = Path(checkpoint_dir) / "last.pt" if checkpoint_dir is not None else None
+    state = (
+        torch.load(ckpt, map_location="cpu", weights_only=True)
+        if ckpt is not None and ckpt.exists()
+        else None
+    )
+
+    def make_timer() -> StepTimer:
+        if precision_timer is not None:
+            return precision_timer
+        first = next(iterate(data, epoch_order(n, seed, 0, rt.world_size, rt.rank), np.arange(n), local_bs))
+        return step_timer(model, normalizer(first.images, device), first.labels.to(device))
+
+    prec = resolve_precision(
+        p, rt, make_timer, saved=state.get("precision") if state is not None else None, desc=desc
+    )
+    if prec.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     steps_per_epoch = math.ceil(math.ceil(n / rt.world_size) / local_bs)
     decay, no_decay = [], []
     for prm in model.parameters():
@@ -206,9 +353,7 @@ def train(
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(p, steps_per_epoch))
     history: list[dict[str, float]] = []
     start_epoch = 0
-    ckpt = Path(checkpoint_dir) / "last.pt" if checkpoint_dir is not None else None
-    if ckpt is not None and ckpt.exists():
-        state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    if state is not None:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
@@ -225,7 +370,7 @@ def train(
         train_model = model
     live = _open_live(live_dir, history) if rt.is_main and live_dir is not None else None
     pad = crop_pad(data.dataset, data.image_size)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=p.bf16)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=prec.bf16)
     positions = epoch_positions(n, rt.world_size, rt.rank)
     for epoch in range(start_epoch, p.epochs):
         if on_epoch_start is not None:
@@ -244,7 +389,7 @@ def train(
             if draws is not None:
                 dy, dx, flip = (d[batch.order_pos].to(device) for d in draws)
                 x = augment(x, dy, dx, flip, pad)
-            if p.channels_last:
+            if prec.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             labels = batch.labels.to(device)
             with autocast:
@@ -292,6 +437,7 @@ def train(
                     "scheduler": sched.state_dict(),
                     "history": history,
                     "epoch": epoch,
+                    "precision": {"bf16": prec.bf16, "channels_last": prec.channels_last},
                 }
                 if objective_state is not None:
                     state["objective"] = objective_state.state_dict()
@@ -301,7 +447,7 @@ def train(
     if live is not None:
         live.end()
     model.eval()
-    return TrainResult(model, history, start_epoch)
+    return TrainResult(model, history, start_epoch, prec)
 
 
 def clear_checkpoint(checkpoint_dir: str | Path | None) -> None:

@@ -17,7 +17,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Literal, Union
 
 import yaml
 
@@ -29,6 +29,10 @@ IMBALANCE_METHODS = ("logit_adjustment", "balanced_softmax", "ce")
 NOISE_METHODS = ("gce", "small_loss", "elr", "ce")
 MODEL_NAMES = ("small_cnn", "resnet32", "preact_resnet18")
 BASELINES = ("ce", "la_gce")
+
+AUTO = "auto"
+# A switch that can also be left to the machine: ``true``, ``false`` or ``"auto"`` (decided at run time).
+BoolOrAuto = bool | Literal["auto"]
 
 
 def _opt(default: Any, **checks: Any) -> Any:
@@ -100,8 +104,10 @@ class TrainParams:
     gamma: float = _opt(0.1, gt=0.0, le=1.0)
     warmup_epochs: int = _opt(0, ge=0)
     augment: bool = _opt(True)
-    bf16: bool = _opt(False)
-    channels_last: bool = _opt(False)
+    # bfloat16 autocast and channels-last layout: true, false (exact fp32, the default) or "auto" (the
+    # engine times a few steps of this model and batch each way before training and keeps the faster)
+    bf16: BoolOrAuto = _opt(False)
+    channels_last: BoolOrAuto = _opt(False)
     track_every: int = _opt(1, ge=0)  # epochs between test top-1 / label-repair measurements (0: never)
 
 
@@ -162,14 +168,15 @@ class DistillParams(TrainParams):
     alpha_warmup_epochs: int = _opt(0, ge=0)
     base_loss: str = _opt("logit_adjusted", choices=("ce", "logit_adjusted", "none"))
     tau: float = _opt(1.0, ge=0.0)  # student's logit adjustment: raw logits + tau*log(prior) = train space
-    scope: str = _opt("batch", choices=("batch", "dataset"))
+    scope: str = _opt("dataset", choices=("batch", "dataset"))
     resolve_every: int = _opt(1, ge=1)  # dataset scope: epochs between re-solves
-    class_totals: str = _opt("soft", choices=("soft", "hard"))
+    class_totals: str = _opt("hard", choices=("soft", "hard"))
     # the student's training prior: its raw logits + tau*log(prior) are trained against q (train space)
     prior: str = _opt("imbalance_teacher", choices=("imbalance_teacher", "noisy_labels"))
-    # how to read a teacher file's raw logits: auto = its metadata ``train_offset`` (none: train space)
+    # how to read the imbalance teacher's raw logits for the class totals: auto = its metadata
+    # ``train_offset`` (none: train space). The noise teacher has no such switch: it enters only the cost,
+    # where a per-class offset is absorbed by the class scaling and changes nothing.
     imbalance_space: str = _opt("auto", choices=("auto", "train", "balanced"))
-    noise_space: str = _opt("auto", choices=("auto", "train", "balanced"))
     chunk_size: int = _opt(65536, ge=1)
     sinkhorn: SinkhornParams = _sub(SinkhornParams)
 
@@ -217,13 +224,45 @@ def _strip_optional(tp: Any) -> tuple[Any, bool]:
     return tp, False
 
 
+def bool_or_literals(tp: Any) -> tuple[str, ...] | None:
+    """The strings a ``bool | Literal[...]`` annotation (e.g. ``BoolOrAuto``) accepts besides a bool."""
+    if typing.get_origin(tp) not in (Union, types.UnionType):
+        return None
+    args = typing.get_args(tp)
+    literals = [a for a in args if typing.get_origin(a) is Literal]
+    if bool not in args or len(literals) + 1 != len(args):
+        return None
+    return tuple(v for lit in literals for v in typing.get_args(lit))
+
+
+def _coerce_bool_or(path: str, value: Any, words: tuple[str, ...]) -> Any:
+    if isinstance(value, bool) or value in words:
+        return value
+    expected = "true, false or " + " or ".join(repr(w) for w in words)
+    if isinstance(value, str):
+        # a quoted 'True' or a misspelt 'auto': point at the spelling that works
+        spellings = {"true": "true", "false": "false", **{w: repr(w) for w in words}}
+        close = difflib.get_close_matches(value.lower(), list(spellings), n=1)
+        if close:
+            expected += f" (did you mean {spellings[close[0]]}?)"
+    raise _bad(path, value, expected)
+
+
 def _coerce(path: str, value: Any, tp: Any) -> Any:
     """Check ``value`` against the annotated type; ints are accepted where floats are expected."""
     base, optional = _strip_optional(tp)
+    words = bool_or_literals(base)
     if value is None:
         if optional:
             return None
-        raise _bad(path, value, f"a {getattr(base, '__name__', base)}, not null")
+        what = (
+            "true, false or " + " or ".join(map(repr, words))
+            if words
+            else f"a {getattr(base, '__name__', base)}"
+        )
+        raise _bad(path, value, f"{what}, not null")
+    if words is not None:
+        return _coerce_bool_or(path, value, words)
     if base is bool:
         if not isinstance(value, bool):
             raise _bad(path, value, "true or false")
