@@ -5,10 +5,12 @@ from __future__ import annotations
 import math
 
 import pytest
+import torch
 import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from dsink.engine import Precision, Runtime, resolve_precision
 from dsink.errors import DsinkError
 from dsink.params import NOISE_TYPES, Params, from_dict, load_params, to_dict
 
@@ -41,8 +43,6 @@ def test_repo_params_yaml_loads_with_every_value(repo_root):
     params = load_params(repo_root / "params.yaml")
     assert isinstance(params, Params)
     _assert_matches(raw, to_dict(params))
-    assert isinstance(params.data.imbalance.ratio, float)
-    assert params.data.noise.type in NOISE_TYPES
 
 
 def test_overrides_reach_the_dataclasses(tmp_path, write_params):
@@ -63,6 +63,28 @@ def test_overrides_reach_the_dataclasses(tmp_path, write_params):
     assert p.teachers.noise.forget_rate is None
     assert p.distill.sinkhorn.reg == 0.5
     assert p.data.noise.file == "labels.npy"
+
+
+def test_loaded_precision_switches_reach_the_engine(tmp_path, write_params):
+    """`auto` (a YAML string) and the booleans survive validation and become the engine's plain bools."""
+    path = write_params(
+        tmp_path,
+        {"teachers.noise.bf16": "auto", "teachers.noise.channels_last": "auto", "distill.bf16": True},
+    )
+    assert (
+        "bf16: auto" in path.read_text()
+    )  # unquoted, as `dvc exp run -S teachers.noise.bf16=auto` writes it
+    p = load_params(path)
+    rt = Runtime(torch.device("cpu"))
+    timed = {Precision(a, b): 1.0 for a in (False, True) for b in (False, True)}
+    timed[Precision(False, True)] = 0.5
+
+    def no_timing():
+        raise AssertionError("nothing is auto here")
+
+    assert resolve_precision(p.teachers.noise, rt, lambda: timed.__getitem__) == Precision(False, True)
+    assert resolve_precision(p.distill, rt, no_timing) == Precision(True, False)
+    assert resolve_precision(p.teachers.imbalance, rt, no_timing) == Precision(False, False)
 
 
 def test_missing_sections_take_the_defaults(tmp_path):
@@ -109,6 +131,10 @@ def test_unknown_key_without_a_close_match_lists_the_valid_keys(tmp_path, write_
         ("data.noise.type", None, "null", "not null"),
         ("data.download", "yes", "'yes'", "true or false"),
         ("data.noise.include_true", 1, "1", "true or false"),
+        ("distill.bf16", "atuo", "'atuo'", "true, false or 'auto' (did you mean 'auto'?)"),
+        ("distill.channels_last", "True", "'True'", "true, false or 'auto' (did you mean true?)"),
+        ("teachers.noise.bf16", 1, "1", "true, false or 'auto'"),
+        ("teachers.noise.bf16", None, "null", "true, false or 'auto', not null"),
         ("data.dataset", 3, "3", "a string"),
         ("teachers.imbalance.milestones", "10", "'10'", "a list"),
         ("data.noise.rate", float("nan"), ".nan", "a finite number"),

@@ -45,6 +45,8 @@ def with_value(dotted: str, value):
 
 def wrong_type_value(tp):
     base, _ = P._strip_optional(tp)
+    if P.bool_or_literals(base) is not None:  # true, false or a word such as 'auto': a number is wrong
+        return 3
     return {bool: "yes", int: "three", float: "a lot", str: 12, list: "1,2"}[base]
 
 
@@ -100,6 +102,25 @@ def test_typo_suggests_the_key(dotted, tp, meta):
     typo = last[:-1] if len(last) > 3 else last + "x"
     node[typo] = 1
     check_one_line(raw, "unknown key", dotted)
+
+
+SWITCHES = [(d, t, m) for d, t, m in LEAVES if P.bool_or_literals(P._strip_optional(t)[0]) is not None]
+
+
+@pytest.mark.parametrize(("dotted", "tp", "meta"), SWITCHES, ids=[d for d, _, _ in SWITCHES])
+def test_switch_accepts_its_words_and_hints_a_misspelt_one(dotted, tp, meta):
+    """A ``true | false | 'auto'`` key: each accepted value comes back unchanged; a misspelt word is one
+    line with the closest spelling."""
+    words = P.bool_or_literals(P._strip_optional(tp)[0])
+    for value in (True, False, *words):
+        loaded = P.from_dict(P.Params, with_value(dotted, value))
+        node = loaded
+        for part in dotted.split("."):
+            node = getattr(node, part)
+        assert node == value and type(node) is type(value), (dotted, value, node)
+    for word in words:
+        typo = word[0] + word[2] + word[1] + word[3:]  # 'auto' -> 'atuo'
+        check_one_line(with_value(dotted, typo), dotted, repr(typo), f"did you mean {word!r}?")
 
 
 def test_every_key_is_in_params_yaml():
