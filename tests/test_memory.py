@@ -35,10 +35,18 @@ before = status("VmRSS")
 log_u, info = ot.class_scaling(log_k, r, max_iter=300, tol=1e-5, chunk_size=16384, log=True)
 q = ot.apply_class_scaling(log_k, log_u)
 after = status("VmHWM")
-row_err = float((q.sum(1) - 1).abs().max())
-col_err = float((q.sum(0) - r).abs().max() / N)
+# Oracle, from q alone (not from the solver's log_u): the entropic OT plan with these marginals is the
+# unique one of the form q_ic = exp(log_k_ic + a_c + b_i). So log q - log_k must split into a class term
+# plus a sample term, and the class totals must be r. (Rows summing to 1 is true of any softmax.)
+col_err = float((q.double().sum(0) - r.double()).abs().max() / N)
+d = q.double().log() - log_k.double()
+keep = q > 1e-30  # float32 subnormals carry too few digits for a log
+d = torch.where(keep, d, torch.nan)
+b = d.nanmean(1, keepdim=True)
+a = (d - b).nanmean(0, keepdim=True)
+form_err = float((d - b - a).abs().nan_to_num(0.0).max())
 print(json.dumps({"peak_growth": after - before, "peak": after, "iters": int(info["n_iter"]),
-                  "row_err": row_err, "col_err": col_err}))
+                  "col_err": col_err, "form_err": form_err, "kept": float(keep.double().mean())}))
 """
 
 
@@ -51,4 +59,5 @@ def test_dataset_scope_sinkhorn_memory_is_bounded():
     res = json.loads(out.stdout.strip().splitlines()[-1])
     one = N * C * 4
     assert res["peak_growth"] <= 3 * one, res
-    assert res["row_err"] < 1e-4 and res["col_err"] < 1e-4, res
+    assert res["col_err"] < 1e-4, res  # class totals r (per sample)
+    assert res["form_err"] < 1e-4 and res["kept"] > 0.99, res  # the scaling form of the OT solution
