@@ -192,9 +192,78 @@ def read_corrupted(path: str | Path) -> CorruptedIndex:
     )
 
 
+# ---------------------------------------------------------------- validation split
+
+
+@dataclass
+class ValidationSplit:
+    """``data/corrupted/val.parquet`` in memory: source training images held out with their clean labels."""
+
+    sample_id: np.ndarray  # int64, unique, sorted; indices into the source training set
+    label: np.ndarray  # int64 clean source labels
+    meta: dict[str, Any]
+
+    def __len__(self) -> int:
+        return int(self.sample_id.size)
+
+
+def write_validation(path: str | Path, val: ValidationSplit) -> None:
+    """Atomically write the validation split (zero rows when there is none)."""
+    table = pa.table(
+        {
+            "sample_id": pa.array(np.asarray(val.sample_id, dtype=np.int64), pa.int64()),
+            "label": pa.array(np.asarray(val.label, dtype=np.int64), pa.int64()),
+        }
+    )
+    write_parquet(path, table.replace_schema_metadata(_with_meta(table.schema, val.meta).metadata))
+
+
+def read_validation(path: str | Path, index: CorruptedIndex | None = None) -> ValidationSplit:
+    """Read and validate the validation split (columns, dtypes, no nulls, unique ids >= 0, labels in range).
+
+    With ``index``: the dataset and class count must match the corrupted set's, and no id may also be a
+    training id (a validation image the models trained on measures nothing).
+    """
+    where = str(path)
+    table = _read_table(path)
+    _require_columns(table, {"sample_id": ("int",), "label": ("int",)}, where)
+    meta = read_meta(table.schema, where)
+    for name in ("sample_id", "label"):
+        nulls = table.column(name).null_count
+        if nulls:
+            raise DsinkError(f"{where}: column {name!r} has {nulls} null values")
+    ids = table.column("sample_id").to_numpy().astype(np.int64)
+    labels = table.column("label").to_numpy().astype(np.int64)
+    if np.unique(ids).size != ids.size:
+        raise DsinkError(f"{where}: sample_id has duplicates")
+    if ids.size and ids.min() < 0:
+        raise DsinkError(f"{where}: sample_id {int(ids.min())} is negative; expected indices >= 0")
+    if index is not None:
+        C = index.num_classes
+        if "dataset" in meta and meta["dataset"] != index.dataset:
+            raise DsinkError(
+                f"{where}: made from dataset {meta['dataset']!r}; the corrupted set is {index.dataset!r}; "
+                "rerun `dvc repro corrupt`"
+            )
+        if "num_classes" in meta and meta["num_classes"] != C:
+            raise DsinkError(
+                f"{where}: metadata num_classes = {meta['num_classes']}; the corrupted set has {C}"
+            )
+        if labels.size and (labels.min() < 0 or labels.max() >= C):
+            raise DsinkError(f"{where}: label outside 0..{C - 1}")
+        shared = np.intersect1d(ids, index.sample_id)
+        if shared.size:
+            raise DsinkError(
+                f"{where}: sample_id {int(shared[0])} is also a training sample ({shared.size} shared); "
+                "rerun `dvc repro corrupt`"
+            )
+    order = np.argsort(ids, kind="stable")
+    return ValidationSplit(ids[order], labels[order], meta)
+
+
 # ---------------------------------------------------------------- teacher logits
 
-SPLITS = ("train", "test")
+SPLITS = ("train", "test", "val")
 
 
 def logits_table(
@@ -225,16 +294,27 @@ class TeacherLogits:
     train: np.ndarray  # float32 (n_train, C), row i is corrupted-index row i
     test: np.ndarray  # float32 (n_test, C), row j is test sample j
     meta: dict[str, Any]
+    # float32 (n_val, C) in the order of the ``val_ids`` asked for; None when not asked or the file has none
+    val: np.ndarray | None = None
 
 
 def read_logits(
-    path: str | Path, index: CorruptedIndex, num_test: int | None = None, role: str | None = None
+    path: str | Path,
+    index: CorruptedIndex,
+    num_test: int | None = None,
+    role: str | None = None,
+    val_ids: np.ndarray | None = None,
 ) -> TeacherLogits:
     """Read a teacher logits Parquet and check it against the corrupted set.
 
     Train rows must cover exactly the ids of the corrupted index (no missing, unknown or duplicate id),
     the width must equal ``num_classes``, and every value must be finite. Rows are returned in the order
     of the corrupted index and of the test set, whatever order the file has them in.
+
+    ``val`` rows are optional (a file made elsewhere, or with no validation split, has none). With
+    ``val_ids`` (the validation split's ids), a file that has val rows must cover exactly those ids and
+    they are returned in that order as ``.val``; a file without val rows gives ``.val = None``. Without
+    ``val_ids`` the val rows are checked (finite, no duplicate) but not returned.
     """
     where = str(path)
     table = _read_table(path)
@@ -274,15 +354,23 @@ def read_logits(
     split = np.asarray(table.column("split").to_pylist(), dtype=object)
     unknown = set(np.unique(split).tolist()) - set(SPLITS)
     if unknown:
-        raise DsinkError(f"{where}: unknown split values {sorted(unknown)}; expected 'train' or 'test'")
+        raise DsinkError(
+            f"{where}: unknown split values {sorted(unknown)}; expected 'train', 'test' or 'val'"
+        )
     ids = table.column("sample_id").to_numpy().astype(np.int64)
-    out = {}
-    for name, expected in (("train", index.sample_id), ("test", None)):
+    has_val = bool((split == "val").any())
+    checks: list[tuple[str, np.ndarray | None]] = [("train", index.sample_id), ("test", None)]
+    if has_val:
+        checks.append(("val", None if val_ids is None else np.asarray(val_ids, dtype=np.int64)))
+    out: dict[str, np.ndarray | None] = {"val": None}
+    for name, expected in checks:
         sel = split == name
         sid = ids[sel]
         if np.unique(sid).size != sid.size:
             dup = int(sid[np.flatnonzero(np.diff(np.sort(sid)) == 0)[0]])
             raise DsinkError(f"{where}: duplicate {name} sample_id {dup}")
+        if name == "val" and expected is None:
+            continue  # nobody asked for them: checked for duplicates (and finiteness, above) only
         if expected is None:
             n = num_test if num_test is not None else sid.size
             expected = np.arange(n, dtype=np.int64)
@@ -297,12 +385,12 @@ def read_logits(
                 if missing.size
                 else f"unknown id {int(extra[0])} ({extra.size} unknown)"
             )
-            raise DsinkError(
-                f"{where}: {name} rows do not match the "
-                f"{'corrupted set' if name == 'train' else 'test set'}: {detail}"
-            )
+            target = {"train": "corrupted set", "test": "test set", "val": "validation split"}[name]
+            raise DsinkError(f"{where}: {name} rows do not match the {target}: {detail}")
         # rows of this split sorted by id, then placed in the order of ``expected``
         rows = np.flatnonzero(sel)[order]
         pos = np.searchsorted(sorted_ids, expected)
         out[name] = logits[rows[pos]]
-    return TeacherLogits(out["train"], out["test"], meta)
+    train, test = out["train"], out["test"]
+    assert train is not None and test is not None
+    return TeacherLogits(train, test, meta, out["val"])

@@ -79,7 +79,7 @@ def fit_baseline(
         )
         if rt.is_main:
             net = getattr(result.model, "module", result.model)  # unwrap DDP: rank 0 predicts alone
-            tr, te = model_logits(net, corpus, params.dump.batch_size, f"dump[{method}]")
+            z = model_logits(net, corpus, params.dump.batch_size, f"dump[{method}]")
             meta = {
                 "role": f"baseline_{method}",
                 "method": method,
@@ -87,7 +87,7 @@ def fit_baseline(
                 "space": recipe.space,
                 "train_offset": [float(v) for v in recipe.train_offset.tolist()],
             }
-            write_model_logits(logits_out, tr, te, corpus, meta)
+            write_model_logits(logits_out, z, corpus, meta)
             save_state_dict(result.model, model_out)
             clear_checkpoint(ckpt)
         return result.history[-1] if result.history else {}

@@ -222,12 +222,11 @@ def fit_student(
             desc="distill",
         )
         if rt.is_main:
-            train_z, test_z = model_logits(result.model, corpus, 512, "student")
+            z = model_logits(result.model, corpus, 512, "student")
             save_state_dict(result.model, model_out)
             write_model_logits(
                 logits_out,
-                train_z,
-                test_z,
+                z,
                 corpus,
                 {
                     "role": "student",

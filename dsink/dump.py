@@ -1,12 +1,14 @@
-"""Eval-mode logits of a trained model on every kept training sample and the whole test set.
+"""Eval-mode logits of a trained model on the kept training samples, the validation split and the test set.
 
 Written as the contract's logits Parquet (``split``, ``sample_id``, ``logits`` fixed-size float32, zstd,
-metadata under ``dsink``). Inference is chunked (``dump.batch_size`` images at a time), so memory holds
-one chunk of images plus the float32 logits.
+metadata under ``dsink``; ``val`` rows only when the corpus has a validation split). Inference is
+chunked (``dump.batch_size`` images at a time), so memory holds one chunk of images plus the float32
+logits.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -35,10 +37,17 @@ def load_model(name: str, path: str, num_classes: int, channels: int) -> torch.n
     return model
 
 
-def model_logits(
-    model: torch.nn.Module, corpus: Corpus, batch_size: int, desc: str
-) -> tuple[np.ndarray, np.ndarray]:
-    """(train logits in corrupted-index order, test logits in test order)."""
+@dataclass
+class ModelLogits:
+    """One model's logits on each split of a corpus."""
+
+    train: np.ndarray  # (n_train, C), corrupted-index order
+    test: np.ndarray  # (n_test, C), test order
+    val: np.ndarray  # (n_val, C), validation-split order; zero rows without a validation split
+
+
+def model_logits(model: torch.nn.Module, corpus: Corpus, batch_size: int, desc: str) -> ModelLogits:
+    """The model's logits on the training samples, the test set and the validation split."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = model.to(device)
     rt = Runtime(device)
@@ -56,14 +65,33 @@ def model_logits(
     test = predict_logits(
         model, corpus.source.test, test_ids, corpus.normalizer, device, batch_size, desc=f"{desc} test", rt=rt
     )
-    return train, test
+    val_ids = corpus.val_ids
+    if val_ids.size:
+        val = predict_logits(
+            model,
+            corpus.source.train,
+            val_ids,
+            corpus.normalizer,
+            device,
+            batch_size,
+            desc=f"{desc} val",
+            rt=rt,
+        )
+    else:
+        val = np.empty((0, train.shape[1]), dtype=train.dtype)
+    return ModelLogits(train, test, val)
 
 
-def write_model_logits(
-    out: str, train: np.ndarray, test: np.ndarray, corpus: Corpus, meta: dict[str, Any]
-) -> None:
-    n_tr, n_te = train.shape[0], test.shape[0]
-    split = np.array(["train"] * n_tr + ["test"] * n_te, dtype=object)
-    ids = np.concatenate([corpus.index.sample_id, np.arange(n_te, dtype=np.int64)])
+def write_model_logits(out: str, z: ModelLogits, corpus: Corpus, meta: dict[str, Any]) -> None:
+    """The contract's logits Parquet: train rows, then test rows, then val rows (if any)."""
+    n_tr, n_te, n_va = z.train.shape[0], z.test.shape[0], z.val.shape[0]
+    val_ids = corpus.val_ids
+    if n_tr != corpus.index.sample_id.size or n_va != val_ids.size:
+        raise ValueError(
+            f"logits rows ({n_tr} train, {n_va} val) do not match the corpus "
+            f"({corpus.index.sample_id.size} train, {val_ids.size} val)"
+        )
+    split = np.array(["train"] * n_tr + ["test"] * n_te + ["val"] * n_va, dtype=object)
+    ids = np.concatenate([corpus.index.sample_id, np.arange(n_te, dtype=np.int64), val_ids])
     full_meta = {"dataset": corpus.index.dataset, "num_classes": corpus.index.num_classes, **meta}
-    write_logits(out, logits_table(split, ids, np.concatenate([train, test]), full_meta))
+    write_logits(out, logits_table(split, ids, np.concatenate([z.train, z.test, z.val]), full_meta))

@@ -79,6 +79,17 @@ class SyntheticParams:
 
 
 @dataclass
+class ValidationParams:
+    """A validation split held out of the source training set (clean labels) before the long tail.
+
+    ``per_class`` seeded images of every class (0: no validation split). Benchmarks choose their settings
+    on it and report the test set only for the chosen one.
+    """
+
+    per_class: int = _opt(0, ge=0)
+
+
+@dataclass
 class DataParams:
     dataset: str = _opt("fashion_mnist", choices=DATASETS)
     root: str = _opt("data/raw")
@@ -87,6 +98,7 @@ class DataParams:
     imbalance: ImbalanceParams = _sub(ImbalanceParams)
     noise: NoiseParams = _sub(NoiseParams)
     synthetic: SyntheticParams = _sub(SyntheticParams)
+    validation: ValidationParams = _sub(ValidationParams)
 
 
 @dataclass

@@ -14,9 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
-from dsink.artifacts import CorruptedIndex, read_corrupted
+from dsink.artifacts import CorruptedIndex, ValidationSplit, read_corrupted, read_validation
 from dsink.data.sources import Source, load_source
 from dsink.data.views import Normalizer, TrainingSet
 from dsink.errors import DsinkError
@@ -48,11 +49,17 @@ def checkpoint_dir(stage: str, config: Any, files: list[str | Path]) -> Path:
 
 @dataclass
 class Corpus:
-    """The source dataset and the corrupted index over it, checked against each other."""
+    """The source dataset, the corrupted index and the validation split, checked against each other."""
 
     source: Source
     index: CorruptedIndex
     normalizer: Normalizer
+    val: ValidationSplit | None = None  # None: no validation split
+
+    @property
+    def val_ids(self) -> np.ndarray:
+        """Source training ids of the validation split (empty when there is none)."""
+        return self.val.sample_id if self.val is not None else np.empty(0, dtype=np.int64)
 
     def training_set(self) -> TrainingSet:
         return TrainingSet(
@@ -64,7 +71,43 @@ class Corpus:
         )
 
 
-def open_corpus(params: Params, corrupted_path: str | Path) -> Corpus:
+def validation_path(corrupted_path: str | Path) -> Path:
+    """Where ``corrupt`` writes the validation split: ``val.parquet`` beside the corrupted index."""
+    return Path(corrupted_path).with_name("val.parquet")
+
+
+def open_validation(
+    params: Params, index: CorruptedIndex, source: Source, path: str | Path
+) -> ValidationSplit | None:
+    """The validation split at ``path``, checked against the index and the source (None if it is empty).
+
+    A missing file is an error when ``data.validation.per_class`` asks for a split, and no split otherwise
+    (an index made by hand, or before validation splits existed).
+    """
+    path = Path(path)
+    per_class = params.data.validation.per_class
+    if not path.is_file():
+        if per_class:
+            raise DsinkError(
+                f"{path}: file not found, but data.validation.per_class = {per_class}; "
+                "rerun `dvc repro corrupt`"
+            )
+        return None
+    val = read_validation(path, index)
+    if val.sample_id.size and val.sample_id.max() >= len(source.train):
+        raise DsinkError(f"{path}: sample_id outside the source training set (0..{len(source.train) - 1})")
+    if not np.array_equal(val.label, source.train.labels[val.sample_id]):
+        raise DsinkError(f"{path}: labels differ from the dataset's; rerun `dvc repro corrupt`")
+    if val.meta.get("per_class", per_class) != per_class:
+        raise DsinkError(
+            f"{path} holds {val.meta['per_class']} images per class but data.validation.per_class = "
+            f"{per_class}; rerun `dvc repro corrupt`"
+        )
+    return val if len(val) else None
+
+
+def open_corpus(params: Params, corrupted_path: str | Path, val_path: str | Path | None = None) -> Corpus:
+    """The source, the corrupted index at ``corrupted_path`` and the validation split (default: beside it)."""
     index = read_corrupted(corrupted_path)
     source = load_source(params.data)
     if index.dataset != source.name:
@@ -81,7 +124,10 @@ def open_corpus(params: Params, corrupted_path: str | Path) -> Corpus:
         raise DsinkError(
             f"{corrupted_path}: sample_id outside the source training set (0..{len(source.train) - 1})"
         )
-    return Corpus(source, index, Normalizer.for_source(source))
+    val = open_validation(
+        params, index, source, validation_path(corrupted_path) if val_path is None else val_path
+    )
+    return Corpus(source, index, Normalizer.for_source(source), val)
 
 
 def stage_config(params: Params, *sections: str) -> dict[str, Any]:

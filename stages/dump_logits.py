@@ -23,7 +23,7 @@ def main(args: argparse.Namespace) -> None:
     model_path = args.model or f"data/teachers/{args.role}/model.pt"
     out = args.out or f"data/logits/{args.role}.parquet"
     model = load_model(tp.model, model_path, corpus.index.num_classes, corpus.source.channels)
-    train, test = model_logits(model, corpus, params.dump.batch_size, f"dump[{args.role}]")
+    z = model_logits(model, corpus, params.dump.batch_size, f"dump[{args.role}]")
     recipe = recipe_for(args.role, tp, corpus.index, float(corpus.index.meta.get("noise_rate", 0.0)))
     meta = {
         "role": args.role,
@@ -32,8 +32,8 @@ def main(args: argparse.Namespace) -> None:
         "space": recipe.space,
         "train_offset": [float(v) for v in recipe.train_offset.tolist()],
     }
-    write_model_logits(out, train, test, corpus, meta)
-    print(f"dump[{args.role}]: {train.shape[0]} train + {test.shape[0]} test rows -> {out}")
+    write_model_logits(out, z, corpus, meta)
+    print(f"dump[{args.role}]: {len(z.train)} train + {len(z.test)} test + {len(z.val)} val rows -> {out}")
 
 
 def cli(argv: list[str] | None = None) -> None:

@@ -1,10 +1,12 @@
 """DVC stage `evaluate`: the student, both teachers and the comparisons on the clean, balanced test set.
 
 The comparisons are the average of the two teachers' probabilities and the baselines of
-`train_baseline@{ce,la_gce}`. Reads `data` (to find the test labels) and `evaluate`; reads the logits
-files; writes
-metrics/evaluate.json, plots/per_class.json, plots/confusion.json and PNG figures under plots/.
-Trains nothing: changing `evaluate` params reruns only this stage.
+`train_baseline@{ce,la_gce}`. Every model is read in the balanced space (`raw + train_offset -
+train_log_prior`, see dsink/evaluation.py) for the accuracies, the label-repair shares and the average.
+Reads `data` (to find the test labels) and `evaluate`; reads the logits files, the validation split and
+the trainings' dvclive curves; writes metrics/evaluate.json (test metrics, `val` metrics per model, the
+noise teacher's noise-rate estimate beside the realised rate), plots/per_class.json, plots/confusion.json
+and PNG figures under plots/. Trains nothing: changing `evaluate` params reruns only this stage.
 """
 
 from __future__ import annotations
@@ -18,25 +20,49 @@ def main(args: argparse.Namespace) -> None:
     from pathlib import Path
 
     from dsink import figures
-    from dsink.artifacts import read_corrupted, read_logits, write_json
+    from dsink.artifacts import read_corrupted, read_logits, read_validation, write_json
     from dsink.data.sources import load_source
-    from dsink.evaluation import average_probabilities, evaluate_models
+    from dsink.errors import DsinkError
+    from dsink.evaluation import average_probabilities, balanced_predictions, evaluate_models
     from dsink.params import load_params
 
     params = load_params(args.params)
     index = read_corrupted(args.corrupted)
     test_labels = load_source(params.data).test.labels
+    val_path = Path(args.val)
+    if val_path.is_file():
+        val = read_validation(val_path, index)
+    elif params.data.validation.per_class:
+        raise DsinkError(
+            f"{val_path}: file not found, but data.validation.per_class = "
+            f"{params.data.validation.per_class}; rerun `dvc repro corrupt`"
+        )
+    else:
+        val = None
+    val_ids = val.sample_id if val is not None else None
     paths = {
         "dsink": args.student_logits,
         "imbalance_teacher": args.imbalance_logits,
         "noise_teacher": args.noise_logits,
+        "ce": f"{args.baselines}/ce/logits.parquet",
+        "la_gce": f"{args.baselines}/la_gce/logits.parquet",
     }
-    logits: dict = {name: read_logits(path, index, test_labels.size) for name, path in paths.items()}
+    files = {name: read_logits(p, index, test_labels.size, val_ids=val_ids) for name, p in paths.items()}
+    # one space for every comparison: the balanced one
+    logits: dict = {name: balanced_predictions(files[name], index, paths[name]) for name in paths}
     logits["teacher_average"] = average_probabilities(logits["imbalance_teacher"], logits["noise_teacher"])
-    for method in ("ce", "la_gce"):
-        logits[method] = read_logits(f"{args.baselines}/{method}/logits.parquet", index, test_labels.size)
+    order = ("dsink", "imbalance_teacher", "noise_teacher", "teacher_average", "ce", "la_gce")
+    logits = {name: logits[name] for name in order}
     ep = params.evaluate
-    metrics, tables = evaluate_models(logits, test_labels, index, ep.many_threshold, ep.few_threshold)
+    metrics, tables = evaluate_models(
+        logits,
+        test_labels,
+        index,
+        ep.many_threshold,
+        ep.few_threshold,
+        val_labels=val.label if val is not None else None,
+    )
+    metrics["noise_rate"] = noise_rate_report(files["noise_teacher"].meta, index.meta, args.noise_logits)
     plots = Path(args.plots)
     write_json(plots / "per_class.json", tables["per_class"])
     conf = tables["confusion"]
@@ -60,14 +86,42 @@ def main(args: argparse.Namespace) -> None:
     figures.curves_figure(live, plots / "curves.png")
     figures.corrected_figure(live, plots / "corrected.png")
     write_json(args.metrics, metrics)
+    print("evaluate: every model read in the balanced space (raw + train_offset - train_log_prior)")
     for name in logits:
         m = metrics[name]
-        print(f"evaluate: {name:18s} top1 {m['top1']:.4f}  few {m['few']}  corrected {m['corrected']}")
+        v = m["val"]
+        val_top1 = f"{v['top1']:.4f}" if v is not None else "-"
+        print(
+            f"evaluate: {name:18s} test top1 {m['top1']:.4f}  few {_fmt(m['few'])}  "
+            f"corrected {_fmt(m['corrected'])}  val top1 {val_top1}"
+        )
+    nr = metrics["noise_rate"]
+    print(
+        f"evaluate: noise rate estimated by the noise teacher {_fmt(nr['estimate'])}, true {_fmt(nr['true'])}"
+    )
+
+
+def _fmt(v: float | None) -> str:
+    return "-" if v is None else f"{v:.4f}"
+
+
+def noise_rate_report(teacher_meta: dict, index_meta: dict, where: str) -> dict:
+    """``{"estimate": the noise teacher's noise_rate_estimate (null if absent), "true": realised rate}``."""
+    from dsink.errors import DsinkError
+
+    est = teacher_meta.get("noise_rate_estimate")
+    if est is not None:
+        if isinstance(est, bool) or not isinstance(est, (int, float)) or not 0.0 <= est <= 1.0:
+            raise DsinkError(f"{where}: metadata noise_rate_estimate = {est!r}; expected a number in [0, 1]")
+        est = float(est)
+    true = index_meta.get("noise_rate")
+    return {"estimate": est, "true": None if true is None else float(true)}
 
 
 def cli(argv: list[str] | None = None) -> None:
     p = stage.parser(__doc__)
     p.add_argument("--corrupted", default="data/corrupted/train.parquet", help="corrupted index")
+    p.add_argument("--val", default="data/corrupted/val.parquet", help="validation split")
     p.add_argument("--student-logits", default="data/student/logits.parquet", help="student logits")
     p.add_argument("--imbalance-logits", default="data/logits/imbalance.parquet", help="f_L logits")
     p.add_argument("--noise-logits", default="data/logits/noise.parquet", help="f_N logits")

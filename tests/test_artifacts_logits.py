@@ -81,7 +81,7 @@ def bad_cases():
             "width is 5",
         ),
         "test ids": (dict(train=tr, test=te, test_ids=np.arange(1, N_TEST + 1)), "test rows"),
-        "bad split": (dict(train=tr, test=te, split=["train"] * 5 + ["val"] * N_TEST), "unknown split"),
+        "bad split": (dict(train=tr, test=te, split=["train"] * 5 + ["dev"] * N_TEST), "unknown split"),
         "other dataset": (dict(train=tr, test=te, meta={"dataset": "cifar10", "num_classes": C}), "cifar10"),
         "other classes": (
             dict(train=tr, test=te, meta={"dataset": "synthetic", "num_classes": 7}),

@@ -73,6 +73,7 @@ def test_stage_writes_model_and_contract_logits(method, tmp_path, monkeypatch, w
             "data.synthetic.num_classes": C,
             "data.synthetic.image_size": 8,
             "data.synthetic.train_per_class": 30,
+            "data.validation.per_class": 3,
             "data.synthetic.test_per_class": 10,
             f"baselines.{method}.epochs": 1,
             f"baselines.{method}.batch_size": 16,

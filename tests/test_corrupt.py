@@ -57,6 +57,7 @@ def synthetic_overrides(root: Path, **extra) -> dict:
         "data.noise.include_true": False,
         "data.noise.file": None,
         "data.noise.key": None,
+        "data.validation.per_class": 0,  # the expected counts above are of the whole source
     }
     base.update(extra)
     return base

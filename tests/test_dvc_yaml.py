@@ -8,6 +8,7 @@ never loads never makes it stale.
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -86,3 +87,55 @@ def test_stage_deps_are_exactly_its_imports(name):
 
 def test_pycache_is_ignored_by_dvc():
     assert "__pycache__" in (ROOT / ".dvcignore").read_text().split()
+
+
+def _expanded(stage: dict, key: str) -> set[str]:
+    """``stage[key]`` paths (a ``{path: {...}}`` entry counts as its path), matrix placeholders expanded."""
+    items = [next(iter(e)) if isinstance(e, dict) else e for e in stage.get(key, [])]
+    out = set()
+    for item in items:
+        m = re.search(r"\$\{item\.(\w+)\}", item)
+        values = stage.get("matrix", {}).get(m.group(1), []) if m else [None]
+        out |= {item.replace(m.group(0), v) if m else item for v in values}
+    return out
+
+
+def _entry_point(stage: dict) -> Path:
+    return ROOT / next(w for w in stage["cmd"].split() if w.startswith("stages/") and w.endswith(".py"))
+
+
+@pytest.mark.parametrize("name", sorted(STAGES))
+def test_a_stage_that_loads_the_source_depends_on_the_dataset(name):
+    """Pixels (or test labels) come from ${data.root}: new images must rerun every stage that reads them."""
+    stage = STAGES[name]
+    if "dsink/data/sources.py" in closure(_entry_point(stage)):
+        assert "${data.root}" in stage["deps"], f"{name} loads the source dataset but does not depend on it"
+
+
+@pytest.mark.parametrize("name", sorted(STAGES))
+def test_a_stage_that_reads_the_validation_split_depends_on_it(name):
+    """``open_corpus`` (dsink/runs.py) reads the validation split; ``evaluate`` reads it for val metrics."""
+    stage = STAGES[name]
+    script = _entry_point(stage)
+    reads = "dsink/runs.py" in closure(script) or "read_validation" in script.read_text()
+    if reads:
+        assert "data/corrupted/val.parquet" in stage["deps"], name
+    outs = _expanded(stage, "outs")
+    if name == "corrupt":
+        assert {"data/corrupted/train.parquet", "data/corrupted/val.parquet"} <= outs
+
+
+def test_evaluate_depends_on_every_curve_it_plots():
+    """The dvclive folders evaluate reads for curves.png / corrected.png are its deps, and they are the
+    training stages' declared plots (so DVC orders evaluate after the trainings and reruns it on new
+    curves)."""
+    source = (ROOT / "stages" / "evaluate.py").read_text()
+    read = {f"dvclive/{d}/plots/metrics" for d in re.findall(r'Path\(args\.live\) / "(\w+)"', source)}
+    assert len(read) == 5, read
+    deps = {d for d in STAGES["evaluate"]["deps"] if d.startswith("dvclive/")}
+    assert deps == read
+    produced = set()
+    for name, stage in STAGES.items():
+        if name != "evaluate":
+            produced |= {p for p in _expanded(stage, "plots") if p.startswith("dvclive/")}
+    assert read == produced

@@ -35,6 +35,7 @@ def work(tmp_path, monkeypatch):
     params["data"].update(dataset="synthetic", root=str(tmp_path / "raw"))
     params["data"]["imbalance"]["ratio"] = 4
     params["data"]["synthetic"].update(num_classes=C, image_size=8, train_per_class=40, test_per_class=10)
+    params["data"]["validation"]["per_class"] = 4
     for sec in (params["teachers"]["imbalance"], params["teachers"]["noise"], params["distill"]):
         sec.update(epochs=1, batch_size=16, track_every=0)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))

@@ -4,6 +4,10 @@ The paper's protocol (and every long-tail benchmark since Cui et al. 2019) keeps
 ``n_c = floor(n_max * ratio ** (-c / (C - 1)))`` samples of the class at rank ``c``; the ``step`` profile
 keeps ``n_max`` for the first half of the classes and ``floor(n_max / ratio)`` for the rest. Which class is
 at rank 0 (the head) is the natural order or a seeded permutation.
+
+A validation split (:func:`hold_out`) is drawn *before* the long tail, ``per_class`` seeded images of every
+class, so even the head class, whose every remaining image the long tail keeps, has validation images.
+The long tail is then cut from what is left.
 """
 
 from __future__ import annotations
@@ -72,3 +76,30 @@ def long_tail_indices(
     per_class = np.empty(num_classes, dtype=np.int64)
     per_class[order] = by_rank
     return subsample(labels, per_class, rng)
+
+
+def hold_out(
+    labels: np.ndarray,
+    num_classes: int,
+    per_class: int,
+    rng: np.random.Generator,
+    class_names: list[str] | None = None,
+) -> np.ndarray:
+    """Sorted indices of ``per_class`` random samples of every class (empty for ``per_class = 0``).
+
+    Every class must keep at least one training sample after the hold-out; otherwise a
+    :class:`DsinkError` names the smallest class and the largest ``per_class`` the dataset allows.
+    """
+    labels = np.asarray(labels, dtype=np.int64)
+    if per_class == 0:
+        return np.empty(0, dtype=np.int64)
+    available = np.bincount(labels, minlength=num_classes)
+    small = int(np.argmin(available))
+    if available[small] <= per_class:
+        name = class_names[small] if class_names is not None else str(small)
+        raise DsinkError(
+            f"params.yaml: data.validation.per_class = {per_class} is too large: class {name!r} has "
+            f"{int(available[small])} training images; expected at most {max(int(available[small]) - 1, 0)} "
+            "(every class keeps at least one training image)"
+        )
+    return subsample(labels, np.full(num_classes, per_class, dtype=np.int64), rng)

@@ -64,6 +64,7 @@ def tiny_params(path: Path, epochs: int = 2) -> None:
     params["data"].update(dataset="synthetic")
     params["data"]["imbalance"]["ratio"] = 5
     params["data"]["synthetic"].update(num_classes=4, image_size=8, train_per_class=60, test_per_class=15)
+    params["data"]["validation"]["per_class"] = 5
     trainings = (params["teachers"]["imbalance"], params["teachers"]["noise"], params["distill"])
     for sec in (*trainings, params["baselines"]["ce"], params["baselines"]["la_gce"]):
         sec.update(epochs=epochs, batch_size=32, track_every=1)
