@@ -4,33 +4,56 @@
 of ``method.md`` (:func:`dsink.ot.dsink_targets`): cost from the noise-robust teacher's and the student's
 log-probabilities (per sample), class totals from the imbalance-robust teacher (per class).
 
-All three probabilities meet in one space, the **training prior** (where class totals are training-set
-class totals, which is what the marginal constraint is about):
+Which prior each probability is under matters in one place only, the **class totals**: ``r`` is a
+training-set quantity, so the imbalance teacher's probabilities are read in the training-prior space
 
 - teacher logits are read as ``raw + train_offset`` (from the file's metadata, written by
-  ``dump_logits``; a file without it is taken as training-prior unless ``distill.<role>_space`` says
-  ``balanced``, in which case the noisy-label prior is added);
-- the student's raw logits are balanced-space and ``raw + tau * log(prior)`` is its training-prior
-  logit; the loss is taken on the latter, so at test time the raw argmax is the balanced prediction
-  (logit adjustment built into the student). ``prior`` is the imbalance teacher's estimate of the class
-  frequencies (``sum_i f_L(x_i) / N``) or the noisy-label frequencies.
+  ``dump_logits``); a file without it is taken as training-prior unless ``distill.imbalance_space``
+  says ``balanced``, in which case the noisy-label prior is added.
 
-Scope ``batch`` solves per mini-batch; ``dataset`` re-solves the class scaling over all training samples
-every ``resolve_every`` epochs (chunked, O(N * C) memory) and reads ``q`` for each batch from that.
+The cost does not depend on a prior: ``q_ic = u_c v_i sqrt(f_N(x_i)_c f(x_i)_c)``, so a per-class offset
+on ``log f_N`` or ``log f`` only rescales ``u`` (a shifted noise teacher gives the same ``q``; tested).
+The student's offset still matters for what its raw logits mean: it is trained on
+``raw + tau * log(prior)`` (its training-prior logit), so at test time the raw argmax is the balanced
+prediction (logit adjustment built into the student). ``prior`` is the imbalance teacher's class totals
+or the noisy-label counts, smoothed by :func:`dsink.priors.log_prior` (the rule every model uses).
+
+Scope ``batch`` solves per (global) mini-batch: under torchrun the class totals are summed over the ranks
+inside the solver, so ``q`` does not depend on the world size. Scope ``dataset`` re-solves the class
+scaling over all training samples every ``resolve_every`` epochs (chunked, O(N * C) memory): each rank
+predicts a contiguous shard of the training set, the shards are all-gathered, rank 0 solves and
+broadcasts ``log_u``, and every rank reads ``q`` for its own rows. The solve is checkpointed (``log_u``
+and the student's weights at the solve), so a run resumed mid-cycle uses exactly the same ``q``.
 """
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from dsink import losses, ot
-from dsink.artifacts import CorruptedIndex, TeacherLogits
+from dsink.artifacts import CorruptedIndex, TeacherLogits, read_logits
+from dsink.dump import model_logits, write_model_logits
+from dsink.engine import (
+    Runtime,
+    clear_checkpoint,
+    predict_logits,
+    save_state_dict,
+    setup_runtime,
+    teardown_runtime,
+    train,
+)
 from dsink.errors import DsinkError
+from dsink.models import build_model
 from dsink.params import DistillParams
+from dsink.priors import label_log_prior, log_prior
+from dsink.runs import Corpus, checkpoint_dir, open_corpus, stage_config
+from dsink.tracking import epoch_tracker
 
 
 def train_space_logits(
@@ -46,43 +69,83 @@ def train_space_logits(
         if offset.shape != (C,) or not np.all(np.isfinite(offset)):
             raise DsinkError(f"{role} teacher: metadata train_offset must be {C} finite numbers")
     elif space == "balanced":
-        counts = np.maximum(np.bincount(index.noisy_label, minlength=C), 1).astype(np.float64)
-        offset = np.log(counts / counts.sum())
+        offset = label_log_prior(index.noisy_label, C)
     else:
         offset = np.zeros(C)
     off = offset.astype(np.float32)
     return t.train + off, t.test + off
 
 
+def shard_bounds(n: int, world_size: int, rank: int) -> tuple[int, int]:
+    """Rows ``[start, stop)`` of ``rank``'s contiguous shard: ``ceil(n / world)`` rows, the last shorter."""
+    per = -(-n // world_size)
+    return min(n, rank * per), min(n, (rank + 1) * per)
+
+
+def gather_rows(shard: np.ndarray, n: int, rt: Runtime) -> np.ndarray:
+    """All ranks' contiguous shards (see :func:`shard_bounds`) concatenated into the full ``(n, C)``.
+
+    Shards are padded to one length for ``all_gather``; the padding sits after the last real row.
+    """
+    if not rt.distributed:
+        return shard
+    per = -(-n // rt.world_size)
+    buf = torch.zeros((per, shard.shape[1]), dtype=torch.float32, device=rt.device)
+    buf[: shard.shape[0]] = torch.from_numpy(np.ascontiguousarray(shard, dtype=np.float32)).to(rt.device)
+    parts = [torch.empty_like(buf) for _ in range(rt.world_size)]
+    dist.all_gather(parts, buf)
+    return torch.cat(parts)[:n].cpu().numpy()
+
+
+def _sum_over_ranks(t: torch.Tensor) -> torch.Tensor:
+    dist.all_reduce(t)
+    return t
+
+
 class DsinkObjective:
-    """Callable objective for :func:`dsink.engine.train` (rows index the corrupted set)."""
+    """Callable objective for :func:`dsink.engine.train` (rows index the corrupted set).
+
+    ``noisy_labels`` (the training labels, never the clean ones) give the base loss's prior and, with
+    ``prior: noisy_labels``, the student's. ``rt`` says which ranks share the work (default: one process).
+    """
 
     def __init__(
-        self, p: DistillParams, noise_train: np.ndarray, imbalance_train: np.ndarray, noisy_prior: np.ndarray
+        self,
+        p: DistillParams,
+        noise_train: np.ndarray,
+        imbalance_train: np.ndarray,
+        noisy_labels: np.ndarray,
+        rt: Runtime | None = None,
     ) -> None:
         self.p = p
+        self.rt = rt if rt is not None else Runtime(torch.device("cpu"))
         s = p.sinkhorn
+        C = noise_train.shape[1]
         self.log_fn = F.log_softmax(torch.from_numpy(noise_train).float() / s.temperature, dim=1)
         p_l = torch.softmax(torch.from_numpy(imbalance_train).float(), dim=1)
         if p.class_totals == "hard":
             p_l = F.one_hot(p_l.argmax(1), p_l.shape[1]).float()
         self.p_l = p_l
-        n = p_l.shape[0]
+        labels_lp = label_log_prior(noisy_labels, C)
         if p.prior == "imbalance_teacher":
-            counts = p_l.double().sum(0)
+            student_lp = log_prior(p_l.double().sum(0).numpy())
         else:
-            counts = torch.from_numpy(np.asarray(noisy_prior, dtype=np.float64)) * n
-        # add-one smoothing: a class the estimate never saw must not get log(0) = -inf (or -27) added,
-        # which would make the raw (balanced) argmax predict it everywhere
-        prior = (counts + 1.0) / (n + counts.numel())
-        self.student_offset = (p.tau * torch.log(prior)).float()
+            student_lp = labels_lp
+        #: the log prior the student's training-prior offset refers to (``student_offset = tau * this``)
+        self.train_log_prior = student_lp
+        self.student_offset = torch.from_numpy(p.tau * student_lp).float()
         # The base loss's targets are the noisy labels, whose class marginal is the noisy-label prior: each
         # term adjusts the raw (balanced) logits by the prior of its own targets, so both agree on what
         # "balanced" means even when q's class totals (e.g. `class_totals: hard`) differ from the labels'.
-        noisy_counts = torch.from_numpy(np.asarray(noisy_prior, dtype=np.float64)) * n
-        self.base_offset = (p.tau * torch.log((noisy_counts + 1.0) / (n + noisy_counts.numel()))).float()
-        self.dataset_q: torch.Tensor | None = None  # (N, C) surrogate labels, dataset scope
-        self.last_sinkhorn: dict[str, float] = {}
+        self.base_offset = torch.from_numpy(p.tau * labels_lp).float()
+        # dataset scope: the log kernel of the last solve (N, C) and its class potential (C,)
+        self.log_k: torch.Tensor | None = None
+        self.log_u: torch.Tensor | None = None
+        self.solve: dict[str, float] = {}  # n_iter, err, epoch of the last dataset-scope solve
+        self.solve_weights: dict[str, torch.Tensor] | None = None  # the student at that solve
+        self._resolved = False  # a dataset-scope solve ran since the last epoch_metrics()
+        self._iters: list[int] = []  # batch scope: this epoch's solves
+        self._errs: list[float] = []
 
     def alpha(self, progress: float) -> float:
         w = self.p.alpha_warmup_epochs
@@ -92,22 +155,32 @@ class DsinkObjective:
         return raw + self.student_offset.to(raw.device)
 
     def targets(self, z_train: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        """q for the samples ``rows`` given the student's training-prior logits ``z_train``."""
-        if self.dataset_q is not None:
-            return self.dataset_q[rows.cpu()].to(z_train.device)
+        """q for the samples ``rows`` given the student's training-prior logits ``z_train``.
+
+        Batch scope: solved on this batch (under torchrun: on the global batch, every rank holding its
+        share). Dataset scope: read from the last :meth:`resolve_dataset` (``z_train`` is not used).
+        """
+        rows_cpu = rows.cpu()
+        if self.p.scope == "dataset":
+            if self.log_k is None or self.log_u is None:
+                raise RuntimeError("dataset scope: resolve_dataset() must run before the first batch")
+            return ot.apply_class_scaling(self.log_k[rows_cpu], self.log_u).to(z_train.device)
         s = self.p.sinkhorn
         dev = z_train.device
         log_f = F.log_softmax(z_train.detach().float() / s.temperature, dim=1)
+        extra: dict[str, Any] = {"all_reduce": _sum_over_ranks} if self.rt.distributed else {}
         q, info = ot.dsink_targets(
-            self.log_fn[rows.cpu()].to(dev),
+            self.log_fn[rows_cpu].to(dev),
             log_f,
-            self.p_l[rows.cpu()].to(dev),
+            self.p_l[rows_cpu].to(dev),
             reg=s.reg,
             max_iter=s.max_iter,
             tol=s.tol,
             log=True,
+            **extra,
         )
-        self.last_sinkhorn = {"n_iter": float(info["n_iter"]), "err": float(info["err"])}
+        self._iters.append(int(info["n_iter"]))
+        self._errs.append(float(info["err"]))
         return q
 
     def __call__(
@@ -122,22 +195,153 @@ class DsinkObjective:
             loss = loss + losses.cross_entropy(logits, labels)
         return loss
 
-    def resolve_dataset(self, student_raw: np.ndarray) -> dict[str, float]:
-        """Dataset scope: solve the class scaling over all samples from the student's current logits."""
+    # -- dataset scope ----------------------------------------------------------------------------------
+
+    def _log_kernel(self, student_raw: np.ndarray) -> torch.Tensor:
+        """``-P / reg`` over all samples from the student's raw logits (chunked: O(chunk * C) temporaries)."""
         s = self.p.sinkhorn
         n, C = student_raw.shape
+        if n != self.log_fn.shape[0] or C != self.log_fn.shape[1]:
+            raise ValueError(f"student logits have shape {(n, C)}, expected {tuple(self.log_fn.shape)}")
         log_k = torch.empty((n, C), dtype=torch.float32)
-        for start in range(0, n, self.p.chunk_size):  # chunked: temporaries stay O(chunk * C)
+        for start in range(0, n, self.p.chunk_size):
             sl = slice(start, start + self.p.chunk_size)
             z = self.train_logits(torch.from_numpy(student_raw[sl]).float())
             log_k[sl] = (self.log_fn[sl] + F.log_softmax(z / s.temperature, dim=1)) / s.reg
-        r = self.p_l.double().sum(0)
-        log_u, info = ot.class_scaling(
-            log_k, r.to(log_k.dtype), max_iter=s.max_iter, tol=s.tol, chunk_size=self.p.chunk_size, log=True
+        return log_k
+
+    def resolve_dataset(
+        self,
+        student_raw: np.ndarray,
+        epoch: int = 0,
+        weights: dict[str, torch.Tensor] | None = None,
+    ) -> dict[str, float]:
+        """Dataset scope: solve the class scaling over all samples from the student's raw logits.
+
+        Every rank passes the same full ``(N, C)`` logits (:func:`gather_rows`); rank 0 solves and
+        broadcasts ``log_u`` and the solver's statistics. ``weights`` (the student at the solve) are kept
+        for :meth:`state_dict`, so a resumed run can rebuild this ``q`` with :meth:`rebuild_dataset`.
+        """
+        s = self.p.sinkhorn
+        log_k = self._log_kernel(student_raw)
+        C = log_k.shape[1]
+        if self.rt.is_main:
+            r = self.p_l.double().sum(0)
+            log_u, info = ot.class_scaling(
+                log_k,
+                r.to(log_k.dtype),
+                max_iter=s.max_iter,
+                tol=s.tol,
+                chunk_size=self.p.chunk_size,
+                log=True,
+            )
+            stats = torch.tensor([float(info["n_iter"]), float(info["err"])], dtype=torch.float64)
+        else:
+            log_u = torch.empty(C, dtype=torch.float64)
+            stats = torch.empty(2, dtype=torch.float64)
+        if self.rt.distributed:
+            both = torch.cat([log_u.double(), stats]).to(self.rt.device)
+            dist.broadcast(both, src=0)
+            both = both.cpu()
+            log_u, stats = both[:C].clone(), both[C:].clone()
+        self.log_k = log_k
+        self.log_u = log_u.double()
+        self.solve = {"n_iter": float(stats[0]), "err": float(stats[1]), "epoch": float(epoch)}
+        self.solve_weights = weights
+        self._resolved = True
+        return {"n_iter": self.solve["n_iter"], "err": self.solve["err"]}
+
+    def rebuild_dataset(self, student_raw: np.ndarray) -> None:
+        """After :meth:`load_state_dict`: the last solve's ``q`` from the logits of the student at that solve.
+
+        No new solve: ``log_u`` is the checkpointed one, so ``q`` is exactly what the interrupted run used.
+        """
+        if self.log_u is None:
+            raise RuntimeError("rebuild_dataset needs a loaded solve (load_state_dict)")
+        self.log_k = self._log_kernel(student_raw)
+
+    def needs_rebuild(self) -> bool:
+        """A solve was loaded from a checkpoint but its kernel not rebuilt yet."""
+        return self.p.scope == "dataset" and self.log_u is not None and self.log_k is None
+
+    # -- engine hooks -----------------------------------------------------------------------------------
+
+    def epoch_metrics(self) -> dict[str, float]:
+        """The epoch's Sinkhorn solves, the same on every rank; resets the batch-scope tallies.
+
+        Batch scope: ``sinkhorn_iter_mean``, ``sinkhorn_iter_max``, ``sinkhorn_err_max`` over the epoch's
+        solves (all ranks). Dataset scope: ``sinkhorn_iter`` and ``sinkhorn_err`` of the solve in use (this
+        epoch's, or the last one) and ``sinkhorn_resolved`` (1 if it ran this epoch).
+        """
+        if self.p.scope == "dataset":
+            if not self.solve:
+                return {}
+            out = {
+                "sinkhorn_iter": self.solve["n_iter"],
+                "sinkhorn_err": self.solve["err"],
+                "sinkhorn_resolved": 1.0 if self._resolved else 0.0,
+            }
+            self._resolved = False
+            return out
+        iters, errs = self._iters, self._errs
+        self._iters, self._errs = [], []
+        total = torch.tensor([float(sum(iters)), float(len(iters))], dtype=torch.float64)
+        worst = torch.tensor([float(max(iters, default=0)), max(errs, default=0.0)], dtype=torch.float64)
+        if self.rt.distributed:
+            total, worst = total.to(self.rt.device), worst.to(self.rt.device)
+            dist.all_reduce(total)
+            dist.all_reduce(worst, op=dist.ReduceOp.MAX)
+            total, worst = total.cpu(), worst.cpu()
+        if total[1] == 0:
+            return {}
+        return {
+            "sinkhorn_iter_mean": float(total[0] / total[1]),
+            "sinkhorn_iter_max": float(worst[0]),
+            "sinkhorn_err_max": float(worst[1]),
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        """Dataset scope: the last solve (``log_u``, its statistics, the student's weights at the solve).
+
+        The kernel itself (N x C) is not saved: :meth:`rebuild_dataset` recomputes it from the weights, so
+        the checkpoint grows by one copy of the model, whatever N. The weights are only kept when
+        ``resolve_every > 1`` (otherwise every epoch re-solves and a resumed run never reads them).
+        """
+        if self.p.scope != "dataset" or self.log_u is None:
+            return {}
+        state: dict[str, Any] = {"log_u": self.log_u.clone(), **self.solve}
+        if self.solve_weights is not None:
+            state["weights"] = self.solve_weights
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.p.scope != "dataset" or not state:
+            return
+        self.log_u = state["log_u"].double()
+        self.solve = {k: float(state[k]) for k in ("n_iter", "err", "epoch")}
+        self.solve_weights = state.get("weights")
+        self.log_k = None  # rebuilt from solve_weights before the next batch (see fit_student)
+        self._resolved = False
+
+
+def student_train_logits(model: torch.nn.Module, corpus: Corpus, rt: Runtime) -> np.ndarray:
+    """The student's raw logits on every training row; under torchrun each rank predicts one shard."""
+    ids = corpus.index.sample_id
+    start, stop = shard_bounds(ids.size, rt.world_size, rt.rank)
+    if stop > start:
+        shard = predict_logits(
+            model,
+            corpus.source.train,
+            ids[start:stop],
+            corpus.normalizer,
+            rt.device,
+            512,
+            desc="resolve",
+            rt=rt,
         )
-        self.dataset_q = ot.apply_class_scaling(log_k, log_u)
-        del log_k
-        return {"n_iter": float(info["n_iter"]), "err": float(info["err"])}
+    else:
+        shard = np.zeros((0, corpus.index.num_classes), dtype=np.float32)
+    return gather_rows(shard, ids.size, rt)
 
 
 def fit_student(
@@ -150,20 +354,6 @@ def fit_student(
     live_dir: str | None,
 ) -> dict[str, Any]:
     """Train the D-SINK student end to end; write its state dict and its logits (contract schema)."""
-    from dsink.artifacts import read_logits
-    from dsink.dump import model_logits, write_model_logits
-    from dsink.engine import (
-        clear_checkpoint,
-        predict_logits,
-        save_state_dict,
-        setup_runtime,
-        teardown_runtime,
-        train,
-    )
-    from dsink.models import build_model
-    from dsink.runs import checkpoint_dir, open_corpus, stage_config
-    from dsink.tracking import epoch_tracker
-
     dp: DistillParams = params.distill
     rt = setup_runtime()
     try:
@@ -179,8 +369,8 @@ def fit_student(
                     f"{noise_logits} has {t_n.meta[b]!r}"
                 )
         l_train, _ = train_space_logits(t_l, dp.imbalance_space, idx, "imbalance")
-        n_train, _ = train_space_logits(t_n, dp.noise_space, idx, "noise")
-        objective = DsinkObjective(dp, n_train, l_train, idx.noisy_prior())
+        # the noise teacher's space does not matter: a per-class offset on log f_N is absorbed by u
+        objective = DsinkObjective(dp, t_n.train, l_train, idx.noisy_label, rt)
         torch.manual_seed(params.seed)
         model = build_model(dp.model, idx.num_classes, corpus.source.channels)
         ckpt = checkpoint_dir(
@@ -193,18 +383,18 @@ def fit_student(
         if dp.scope == "dataset":
 
             def on_epoch_start(m: torch.nn.Module, epoch: int) -> None:
-                if epoch % dp.resolve_every == 0 or objective.dataset_q is None:
-                    raw = predict_logits(
-                        m,
-                        corpus.source.train,
-                        idx.sample_id,
-                        corpus.normalizer,
-                        rt.device,
-                        512,
-                        desc="resolve",
-                        rt=rt,
-                    )
-                    objective.resolve_dataset(raw)
+                if epoch % dp.resolve_every == 0 or objective.log_u is None:
+                    weights = None
+                    if dp.resolve_every > 1:  # kept for an exact resume mid-cycle
+                        weights = {k: v.detach().cpu().clone() for k, v in m.state_dict().items()}
+                    objective.resolve_dataset(student_train_logits(m, corpus, rt), epoch, weights)
+                elif objective.needs_rebuild():  # resumed mid-cycle: the last solve's q, not a new solve
+                    if objective.solve_weights is None:
+                        raise DsinkError(f"{ckpt}: checkpoint lacks the student at the last solve")
+                    at_solve = copy.deepcopy(m)
+                    at_solve.load_state_dict(objective.solve_weights)
+                    objective.rebuild_dataset(student_train_logits(at_solve, corpus, rt))
+                    del at_solve
 
         tracker = epoch_tracker(corpus, rt.device, 512) if dp.track_every else None
         result = train(
@@ -219,6 +409,7 @@ def fit_student(
             live_dir=live_dir,
             evaluate=tracker,
             on_epoch_start=on_epoch_start,
+            objective_state=objective,
             desc="distill",
         )
         if rt.is_main:
@@ -234,6 +425,7 @@ def fit_student(
                     "model": dp.model,
                     "space": "balanced",
                     "train_offset": objective.student_offset.tolist(),
+                    "train_log_prior": objective.train_log_prior.tolist(),
                 },
             )
             clear_checkpoint(ckpt)

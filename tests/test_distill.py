@@ -1,16 +1,40 @@
-"""The D-SINK objective: spaces, targets and the loss gradient."""
+"""The D-SINK objective: spaces, targets, the loss gradient, solver metrics, checkpointed solves, torchrun."""
 
 from __future__ import annotations
 
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
+import ot as pot
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 
-from dsink.artifacts import CorruptedIndex, TeacherLogits
-from dsink.distill import DsinkObjective, train_space_logits
+from dsink import ot
+from dsink.artifacts import (
+    CorruptedIndex,
+    TeacherLogits,
+    logits_table,
+    read_corrupted,
+    read_logits,
+    write_logits,
+)
+from dsink.distill import DsinkObjective, gather_rows, shard_bounds, train_space_logits
+from dsink.engine import Runtime
 from dsink.errors import DsinkError
 from dsink.params import DistillParams, SinkhornParams
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# the noisy labels of the small objectives below: counts 4, 2, 1, 1 of 8, add-one smoothed 5, 3, 2, 2 of 12
+NOISY8 = np.array([0, 0, 0, 0, 1, 1, 2, 3])
+LOG_PRIOR8 = np.log(np.array([5.0, 3.0, 2.0, 2.0]) / 12.0)
 
 
 def make_index(noisy: np.ndarray, C: int) -> CorruptedIndex:
@@ -26,28 +50,35 @@ def make_index(noisy: np.ndarray, C: int) -> CorruptedIndex:
 
 def test_train_space_offsets():
     C = 3
-    idx = make_index(np.array([0, 0, 0, 1, 2, 0]), C)  # noisy prior 4/6, 1/6, 1/6
+    idx = make_index(np.array([0, 0, 0, 1, 2, 0]), C)  # noisy counts 4, 1, 1: add-one smoothed 5/9, 2/9, 2/9
     raw = np.array([[1.0, 2.0, 3.0]], dtype=np.float32)
     t = TeacherLogits(raw, raw, {"train_offset": [0.5, -1.0, 0.0]})
     tr, te = train_space_logits(t, "auto", idx, "imbalance")
     assert np.allclose(tr, raw + np.array([0.5, -1.0, 0.0])) and np.allclose(te, tr)
-    tr, _ = train_space_logits(TeacherLogits(raw, raw, {}), "auto", idx, "noise")
+    tr, _ = train_space_logits(TeacherLogits(raw, raw, {}), "auto", idx, "imbalance")
     assert np.array_equal(tr, raw)  # no metadata: a plain model's logits are training-prior
-    tr, _ = train_space_logits(t, "balanced", idx, "noise")
-    assert np.allclose(tr, raw + np.log([4 / 6, 1 / 6, 1 / 6]))
-    tr, _ = train_space_logits(t, "train", idx, "noise")
+    tr, _ = train_space_logits(t, "balanced", idx, "imbalance")
+    assert np.allclose(tr, raw + np.log([5 / 9, 2 / 9, 2 / 9]))
+    tr, _ = train_space_logits(t, "train", idx, "imbalance")
     assert np.array_equal(tr, raw)
     with pytest.raises(DsinkError, match="train_offset"):
         train_space_logits(TeacherLogits(raw, raw, {"train_offset": [1.0]}), "auto", idx, "imbalance")
 
 
-def objective(N=8, C=4, seed=0, **kw) -> tuple[DsinkObjective, np.ndarray, np.ndarray]:
+def objective(
+    N=8, C=4, seed=0, noise_shift=None, imbalance_shift=None, **kw
+) -> tuple[DsinkObjective, np.ndarray, np.ndarray]:
     g = np.random.default_rng(seed)
     noise = g.normal(size=(N, C)).astype(np.float32) * 2
     imb = g.normal(size=(N, C)).astype(np.float32) * 2
-    prior = np.array([0.5, 0.25, 0.15, 0.10])[:C]
-    p = DistillParams(sinkhorn=SinkhornParams(max_iter=2000, tol=1e-6), **kw)
-    return DsinkObjective(p, noise, imb, prior), noise, imb
+    if noise_shift is not None:
+        noise = noise + np.asarray(noise_shift, dtype=np.float32)
+    if imbalance_shift is not None:
+        imb = imb + np.asarray(imbalance_shift, dtype=np.float32)
+    labels = NOISY8 if N == 8 else g.integers(0, C, N)
+    kw = {"scope": "batch", "class_totals": "soft", "sinkhorn": SinkhornParams(max_iter=2000, tol=1e-6), **kw}
+    p = DistillParams(**kw)
+    return DsinkObjective(p, noise, imb, labels), noise, imb
 
 
 def test_targets_meet_both_marginals():
@@ -60,16 +91,52 @@ def test_targets_meet_both_marginals():
     assert torch.allclose(q.sum(0), r, atol=1e-4)
 
 
-def test_targets_are_geometric_mean_reweighted_per_class():
-    obj, noise, imb = objective(prior="noisy_labels")
-    z = torch.randn(8, 4)
+@pytest.mark.parametrize("reg", [2.0, 1.0])
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_targets_equal_pot_sinkhorn_in_float64(reg, temperature):
+    """Independent oracle: POT's entropic OT on the cost and marginals of method.md, in float64.
+
+    Cost ``P_ci = -(log f_N(x_i)_c + log f(x_i)_c)`` (temperature-scaled log-softmaxes), class marginal
+    ``a = sum_i f_L(x_i) / N``, sample marginal ``b = 1 / N``, entropic weight ``reg``; ``q = N * plan^T``.
+    """
+    N, C = 12, 4
+    sk = SinkhornParams(reg=reg, temperature=temperature, max_iter=5000, tol=1e-6)
+    obj, noise, imb = objective(N=N, C=C, seed=5, prior="noisy_labels", sinkhorn=sk)
+    z = torch.from_numpy(np.random.default_rng(6).normal(size=(N, C)) * 2).float()
     zt = obj.train_logits(z)
-    q = obj.targets(zt, torch.arange(8)).double()
-    geo = 0.5 * (F.log_softmax(torch.from_numpy(noise).double(), 1) + F.log_softmax(zt.double(), 1))
-    # log q - geo = log u_c - log(row normaliser): rank one in (row, class), so double differences vanish
-    d = torch.log(q) - geo
-    dd = d - d[:, :1] - d[:1, :] + d[:1, :1]
-    assert dd.abs().max() < 1e-4
+    q = obj.targets(zt, torch.arange(N)).double().numpy()
+
+    log_fn = F.log_softmax(torch.from_numpy(noise).double() / temperature, 1).numpy()
+    log_f = F.log_softmax(zt.double() / temperature, 1).numpy()
+    cost = -(log_fn + log_f)  # (N, C)
+    r = torch.softmax(torch.from_numpy(imb).double(), 1).sum(0).numpy()
+    plan = pot.sinkhorn(r / N, np.full(N, 1.0 / N), cost.T, reg, numItermax=100000, stopThr=1e-13)
+    oracle = N * plan.T
+    assert np.abs(q - oracle).max() < 1e-5, np.abs(q - oracle).max()
+
+
+@pytest.mark.parametrize("scope", ["batch", "dataset"])
+def test_a_per_class_offset_on_the_noise_teacher_changes_nothing(scope):
+    """``q_ic = u_c v_i sqrt(f_N f)``: shifting f_N's logits per class (by up to 15 nats) is absorbed by u.
+
+    The same shift on the imbalance teacher moves the class totals and so does change q (which is why
+    ``imbalance_space`` exists and ``noise_space`` does not).
+    """
+    N, C = 40, 4
+    shift = [0.0, 15.0, -15.0, 6.0]
+    kw = dict(N=N, C=C, seed=2, prior="noisy_labels", scope=scope, chunk_size=9)
+    plain, _, _ = objective(**kw)
+    noise_shifted, _, _ = objective(noise_shift=shift, **kw)
+    imb_shifted, _, _ = objective(imbalance_shift=shift, **kw)
+    raw = np.random.default_rng(3).normal(size=(N, C)).astype(np.float32)
+    rows = torch.arange(N)
+    qs = []
+    for obj in (plain, noise_shifted, imb_shifted):
+        if scope == "dataset":
+            obj.resolve_dataset(raw)
+        qs.append(obj.targets(obj.train_logits(torch.from_numpy(raw)), rows))
+    assert (qs[0] - qs[1]).abs().max() < 1e-4
+    assert (qs[0] - qs[2]).abs().max() > 0.1
 
 
 @pytest.mark.parametrize("base", ["logit_adjusted", "ce", "none"])
@@ -82,12 +149,13 @@ def test_loss_gradient_matches_closed_form(base):
     loss = obj(z, labels, rows, progress=5.0)
     loss.backward()
     with torch.no_grad():
-        zt = obj.train_logits(z)
+        lp = torch.from_numpy(LOG_PRIOR8).float()  # the noisy-label prior, add-one smoothed
+        zt = z + lp  # prior: noisy_labels, tau = 1
         q = obj.targets(zt, rows)
         onehot = F.one_hot(labels, C).float()
         expected = 0.7 * (torch.softmax(zt, 1) - q) / N
         if base == "logit_adjusted":
-            expected += (torch.softmax(z + obj.base_offset, 1) - onehot) / N
+            expected += (torch.softmax(z + lp, 1) - onehot) / N
         elif base == "ce":
             expected += (torch.softmax(z, 1) - onehot) / N
     assert torch.allclose(z.grad, expected, atol=1e-6)
@@ -114,19 +182,36 @@ def test_dataset_scope_equals_batch_scope_on_the_whole_set():
     q_b = obj_b.targets(obj_b.train_logits(torch.from_numpy(raw)), rows)
     q_d = obj_d.targets(torch.zeros(50, 4), rows)  # dataset scope ignores the batch logits
     assert torch.allclose(q_b, q_d, atol=1e-4)
+    sub = torch.tensor([7, 3, 41])
+    assert torch.equal(obj_d.targets(torch.zeros(3, 4), sub), q_d[sub])
+
+
+def test_dataset_scope_refuses_a_batch_before_its_first_solve():
+    obj, _, _ = objective(scope="dataset")
+    with pytest.raises(RuntimeError, match="resolve_dataset"):
+        obj.targets(torch.zeros(2, 4), torch.arange(2))
 
 
 def test_base_loss_uses_the_noisy_label_prior():
-    obj, _, _ = objective(prior="imbalance_teacher", tau=1.0)
-    counts = torch.tensor([0.5, 0.25, 0.15, 0.10], dtype=torch.float64) * 8
-    assert torch.allclose(obj.base_offset.double(), torch.log((counts + 1) / (8 + 4)), atol=1e-6)
+    obj, _, _ = objective(prior="imbalance_teacher", tau=1.5)
+    assert np.allclose(obj.base_offset.double().numpy(), 1.5 * LOG_PRIOR8, atol=1e-6)
 
 
-def test_student_prior_from_imbalance_teacher():
-    obj, _, imb = objective(prior="imbalance_teacher", tau=1.0)
-    counts = torch.softmax(torch.from_numpy(imb).double(), 1).sum(0)
-    pi = (counts + 1) / (counts.sum() + 4)  # add-one smoothed
-    assert torch.allclose(obj.student_offset.double(), torch.log(pi), atol=1e-6)
+def test_student_prior_from_imbalance_teacher_counts_add_one():
+    """Hard class totals: f_L's argmax counts (3, 3, 2, 0) of 8 give the prior (4, 4, 3, 1) / 12."""
+    C = 4
+    imb = np.full((8, C), -3.0, dtype=np.float32)
+    imb[np.arange(8), [0, 0, 0, 1, 1, 1, 2, 2]] = 3.0
+    noise = np.zeros((8, C), dtype=np.float32)
+    p = DistillParams(prior="imbalance_teacher", class_totals="hard", tau=2.0, scope="batch")
+    obj = DsinkObjective(p, noise, imb, NOISY8)
+    expected = np.log(np.array([4.0, 4.0, 3.0, 1.0]) / 12.0)
+    assert np.allclose(obj.train_log_prior, expected, atol=1e-12)
+    assert np.allclose(obj.student_offset.double().numpy(), 2.0 * expected, atol=1e-6)
+    # noisy_labels: the label histogram (4, 2, 1, 1), smoothed
+    p = DistillParams(prior="noisy_labels", tau=2.0, scope="batch")
+    obj = DsinkObjective(p, noise, imb, NOISY8)
+    assert np.allclose(obj.train_log_prior, LOG_PRIOR8, atol=1e-12)
 
 
 def test_surrogate_labels_beat_both_teachers_on_a_long_tailed_noisy_set():
@@ -149,8 +234,13 @@ def test_surrogate_labels_beat_both_teachers_on_a_long_tailed_noisy_set():
     noise_logits = (2.0 * e_n + 3.0 * log_prior).astype(np.float32)  # ... under a far too head-heavy prior
     e_l = 2.0 * onehot + g.normal(0.0, 1.5, size=(n, C))  # f_L: calibrated, but a weaker signal
     imb_logits = (2.0 * e_l / 1.5**2 + log_prior).astype(np.float32)
-    p = DistillParams(sinkhorn=SinkhornParams(max_iter=3000, tol=1e-6), prior="imbalance_teacher")
-    obj = DsinkObjective(p, noise_logits, imb_logits, counts / counts.sum())
+    p = DistillParams(
+        sinkhorn=SinkhornParams(max_iter=3000, tol=1e-6),
+        prior="imbalance_teacher",
+        scope="batch",
+        class_totals="soft",
+    )
+    obj = DsinkObjective(p, noise_logits, imb_logits, y)
     rows = torch.arange(n)
     student = torch.zeros(n, C)  # an untrained student: uniform
     q = obj.targets(obj.train_logits(student), rows)
@@ -162,3 +252,278 @@ def test_surrogate_labels_beat_both_teachers_on_a_long_tailed_noisy_set():
     assert (
         abs(float(q[:, 4].sum()) - float(torch.softmax(torch.from_numpy(imb_logits), 1)[:, 4].sum())) < 1e-2
     )
+
+
+# -- solver metrics --------------------------------------------------------------------------------------
+
+
+def test_batch_scope_epoch_metrics_summarise_the_epochs_solves_and_reset():
+    obj, noise, imb = objective(N=30, seed=4, prior="noisy_labels")
+    g = np.random.default_rng(0)
+    iters, errs = [], []
+    for size in (10, 20, 30):  # three batches of this "epoch"
+        rows = torch.from_numpy(g.permutation(30)[:size])
+        z = obj.train_logits(torch.from_numpy(g.normal(size=(size, 4)) * 3).float())
+        obj.targets(z, rows)
+        _, info = ot.dsink_targets(  # the same solve, directly
+            F.log_softmax(torch.from_numpy(noise[rows.numpy()]), 1),
+            F.log_softmax(z, 1),
+            torch.softmax(torch.from_numpy(imb[rows.numpy()]), 1),
+            max_iter=2000,
+            tol=1e-6,
+            log=True,
+        )
+        iters.append(info["n_iter"])
+        errs.append(info["err"])
+    m = obj.epoch_metrics()
+    assert m["sinkhorn_iter_mean"] == pytest.approx(np.mean(iters))
+    assert m["sinkhorn_iter_max"] == max(iters) and m["sinkhorn_err_max"] == pytest.approx(max(errs))
+    assert min(iters) < max(iters)  # the mean and the max are different numbers here
+    assert obj.epoch_metrics() == {}  # reset: no solve since
+
+
+def _load_stage(name: str):
+    spec = importlib.util.spec_from_file_location(f"stage_{name}", ROOT / "stages" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _tiny_distill_dir(d: Path, write_params, overrides: dict) -> Path:
+    """A synthetic corrupted set (3 classes, 8x8) and two made-up teacher logits files in ``d``."""
+    C = 3
+    if "validation" in yaml.safe_load((ROOT / "params.yaml").read_text())["data"]:
+        overrides = {"data.validation.per_class": 0, **overrides}  # no held-out split: 40 images a class
+    write_params(
+        d,
+        {
+            "data.dataset": "synthetic",
+            "data.root": str(d / "raw"),
+            "data.imbalance.ratio": 4,
+            "data.synthetic.num_classes": C,
+            "data.synthetic.image_size": 8,
+            "data.synthetic.train_per_class": 40,
+            "data.synthetic.test_per_class": 10,
+            "data.validation.per_class": 4,
+            "distill.batch_size": 16,
+            "distill.track_every": 0,
+            **overrides,
+        },
+    )
+    cwd = os.getcwd()
+    os.chdir(d)
+    try:
+        _load_stage("corrupt").cli([])
+    finally:
+        os.chdir(cwd)
+    idx = read_corrupted(d / "data/corrupted/train.parquet")
+    n_te = 10 * C
+    for k, role in enumerate(("imbalance", "noise")):
+        z = np.random.default_rng(k).normal(size=(idx.sample_id.size + n_te, C)).astype(np.float32)
+        z[: idx.sample_id.size] += 3 * np.eye(C, dtype=np.float32)[idx.noisy_label]
+        split = np.array(["train"] * idx.sample_id.size + ["test"] * n_te, dtype=object)
+        ids = np.concatenate([idx.sample_id, np.arange(n_te)])
+        write_logits(d / f"data/logits/{role}.parquet", logits_table(split, ids, z, {"role": role}))
+    return d
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize(
+    "scope, overrides, keys",
+    [
+        ("batch", {}, ("sinkhorn_iter_mean", "sinkhorn_iter_max", "sinkhorn_err_max")),
+        ("dataset", {"distill.resolve_every": 2}, ("sinkhorn_iter", "sinkhorn_err", "sinkhorn_resolved")),
+    ],
+)
+def test_distill_logs_every_solve_to_dvclive(scope, overrides, keys, tmp_path, monkeypatch, write_params):
+    d = _tiny_distill_dir(
+        tmp_path, write_params, {"distill.scope": scope, "distill.epochs": 3, "distill.tau": 0.5, **overrides}
+    )
+    monkeypatch.chdir(d)
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    _load_stage("distill").cli([])
+    live = d / "dvclive/student"
+    last = json.loads((live / "metrics.json").read_text())
+    curves = {}
+    for key in keys:
+        assert key in last, (key, sorted(last))
+        rows = (live / "plots/metrics" / f"{key}.tsv").read_text().strip().splitlines()[1:]
+        curves[key] = [float(r.split("\t")[-1]) for r in rows]
+        assert len(curves[key]) == 3, (key, rows)  # one value per epoch
+    if scope == "batch":
+        pairs = zip(curves["sinkhorn_iter_mean"], curves["sinkhorn_iter_max"], strict=True)
+        assert all(0 <= a <= b for a, b in pairs) and max(curves["sinkhorn_iter_max"]) >= 1
+        assert all(0 <= e < 1 for e in curves["sinkhorn_err_max"])
+    else:
+        assert curves["sinkhorn_resolved"] == [1.0, 0.0, 1.0]  # epochs 0 and 2 re-solve
+        assert curves["sinkhorn_iter"][0] == curves["sinkhorn_iter"][1]  # epoch 1 reports the last solve
+        assert curves["sinkhorn_iter"][0] >= 1
+    # the student's logits say which log prior its train_offset refers to
+    idx = read_corrupted("data/corrupted/train.parquet")
+    meta = read_logits("data/student/logits.parquet", idx, 30).meta
+    lp, off = np.array(meta["train_log_prior"]), np.array(meta["train_offset"])
+    assert lp.shape == (3,) and np.allclose(np.exp(lp).sum(), 1.0) and np.allclose(off, 0.5 * lp, atol=1e-6)
+
+
+# -- checkpointed dataset-scope solves ------------------------------------------------------------------
+
+
+def test_a_loaded_solve_rebuilds_exactly_the_same_targets(tmp_path):
+    N, C = 40, 4
+    kw = dict(N=N, C=C, seed=7, prior="noisy_labels", scope="dataset", resolve_every=3, chunk_size=6)
+    a, _, _ = objective(**kw)
+    g = np.random.default_rng(8)
+    at_solve = g.normal(size=(N, C)).astype(np.float32) * 2
+    later = g.normal(size=(N, C)).astype(np.float32) * 2
+    weights = {"w": torch.arange(6.0)}
+    a.resolve_dataset(at_solve, epoch=3, weights=weights)
+    torch.save(a.state_dict(), tmp_path / "objective.pt")
+    state = torch.load(tmp_path / "objective.pt", weights_only=True)  # how the engine reads checkpoints
+    assert state["log_u"].dtype == torch.float64 and torch.equal(state["weights"]["w"], weights["w"])
+
+    b, _, _ = objective(**kw)
+    b.load_state_dict(state)
+    assert b.needs_rebuild() and torch.equal(b.solve_weights["w"], weights["w"])
+    b.rebuild_dataset(at_solve)  # the logits of the model at the solve, not a new solve
+    rows = torch.arange(N)
+    assert torch.equal(b.targets(torch.zeros(N, C), rows), a.targets(torch.zeros(N, C), rows))
+    assert b.epoch_metrics() == {
+        "sinkhorn_iter": a.solve["n_iter"],
+        "sinkhorn_err": a.solve["err"],
+        "sinkhorn_resolved": 0.0,
+    }
+    # what a resumed run did before: a fresh solve from the resumed model gives other labels
+    c, _, _ = objective(**kw)
+    c.resolve_dataset(later)
+    assert (c.targets(torch.zeros(N, C), rows) - a.targets(torch.zeros(N, C), rows)).abs().max() > 0.05
+
+
+def test_batch_scope_has_no_state():
+    obj, _, _ = objective()
+    obj.targets(torch.zeros(8, 4), torch.arange(8))
+    assert obj.state_dict() == {}
+
+
+# -- torchrun ---------------------------------------------------------------------------------------------
+
+
+def test_shards_partition_the_rows():
+    for n in (1, 5, 10, 64):
+        for world in (1, 2, 3, 4):
+            bounds = [shard_bounds(n, world, r) for r in range(world)]
+            covered = np.concatenate([np.arange(a, b) for a, b in bounds])
+            assert np.array_equal(covered, np.arange(n)), (n, world, bounds)
+    x = np.arange(12, dtype=np.float32).reshape(6, 2)
+    assert gather_rows(x, 6, Runtime(torch.device("cpu"))) is x
+
+
+DDP_SCRIPT = """
+import sys, numpy as np, torch, torch.distributed as dist
+from dsink.distill import DsinkObjective, gather_rows, shard_bounds
+from dsink.engine import setup_runtime, teardown_runtime
+from dsink.params import DistillParams, SinkhornParams
+
+rt = setup_runtime()
+g = np.random.default_rng(0)
+N, C, B = 64, 5, 24
+noise = (g.normal(size=(N, C)) * 2).astype(np.float32)
+imb = (g.normal(size=(N, C)) * 2).astype(np.float32)
+labels = g.integers(0, C, N)
+student = (g.normal(size=(N, C)) * 2).astype(np.float32)
+
+
+def assemble(local, pos, total):
+    # every rank's rows put back at their positions in the global batch
+    full = torch.zeros(total, local.shape[1], dtype=torch.float64)
+    full[pos] = local.double()
+    if rt.distributed:
+        dist.all_reduce(full)
+    return full
+
+
+out = {}
+for scope in ("batch", "dataset"):
+    for totals in ("soft", "hard"):
+        p = DistillParams(scope=scope, class_totals=totals, chunk_size=7,
+                          sinkhorn=SinkhornParams(max_iter=5000, tol=1e-6))
+        obj = DsinkObjective(p, noise, imb, labels, rt)
+        if scope == "dataset":
+            a, b = shard_bounds(N, rt.world_size, rt.rank)
+            obj.resolve_dataset(gather_rows(student[a:b], N, rt), epoch=0)
+            out[f"{scope}_{totals}_log_u"] = obj.log_u
+        qs = []
+        for step in range(3):
+            batch = np.random.default_rng(10 + step).permutation(N)[:B]
+            pos = np.arange(rt.rank, B, rt.world_size)  # this rank's share, interleaved like the engine's
+            rows = torch.from_numpy(batch[pos])
+            q = obj.targets(obj.train_logits(torch.from_numpy(student[batch[pos]])), rows)
+            qs.append(assemble(q, torch.from_numpy(pos), B))
+        out[f"{scope}_{totals}_q"] = torch.stack(qs)
+        m = obj.epoch_metrics()
+        vec = torch.tensor([m[k] for k in sorted(m)], dtype=torch.float64)
+        per_rank = [torch.empty_like(vec) for _ in range(rt.world_size)]
+        if rt.distributed:
+            dist.all_gather(per_rank, vec)
+        else:
+            per_rank = [vec]
+        out[f"{scope}_{totals}_metrics"] = torch.stack(per_rank)
+if rt.is_main:
+    torch.save(out, sys.argv[1])
+teardown_runtime(rt)
+"""
+
+
+@pytest.mark.timeout(300)
+def test_torchrun_surrogate_labels_do_not_depend_on_the_world_size(tmp_path):
+    """2 CPU processes (gloo) give the surrogate labels of one process on the same global batches.
+
+    Batch scope: each rank holds half of every batch and the class totals are summed over the ranks
+    inside the solver. Dataset scope: each rank contributes one shard of the student's logits, rank 0
+    solves and broadcasts the class scaling. The same student logits go in (no BatchNorm involved).
+    """
+    script = tmp_path / "ddp_distill.py"
+    script.write_text(DDP_SCRIPT)
+    env = dict(os.environ, TQDM_DISABLE="1", OMP_NUM_THREADS="1")
+    single, double = tmp_path / "single.pt", tmp_path / "ddp.pt"
+    subprocess.run([sys.executable, str(script), str(single)], check=True, env=env, cwd=ROOT, timeout=240)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            str(script),
+            str(double),
+        ],
+        check=True,
+        env=env,
+        cwd=ROOT,
+        timeout=240,
+    )
+    a = torch.load(single, weights_only=True)
+    b = torch.load(double, weights_only=True)
+    for scope in ("batch", "dataset"):
+        for totals in ("soft", "hard"):
+            key = f"{scope}_{totals}"
+            assert (a[f"{key}_q"] - b[f"{key}_q"]).abs().max() < 1e-5, key
+            m1, m2 = a[f"{key}_metrics"], b[f"{key}_metrics"]
+            assert m2.shape[0] == 2 and torch.equal(m2[0], m2[1]), (key, m2)  # the same on every rank
+            # sorted keys: the error first (within tol in both runs), then iteration counts (within one)
+            assert m1[0, 0] <= 1e-6 and m2[0, 0] <= 1e-6, (key, m1, m2)
+            assert (m1[0, 1:] - m2[0, 1:]).abs().max() <= 1, (key, m1, m2)
+        if scope == "dataset":  # the same gathered logits, solved once on rank 0: bit for bit
+            assert torch.equal(a[f"{key}_log_u"], b[f"{key}_log_u"])
+    # the check has teeth: one rank's half of a batch solved alone gives other labels
+    batch = np.random.default_rng(10).permutation(64)[:24]
+    g = np.random.default_rng(0)
+    noise, imb = (
+        (g.normal(size=(64, 5)) * 2).astype(np.float32),
+        (g.normal(size=(64, 5)) * 2).astype(np.float32),
+    )
+    labels, student = g.integers(0, 5, 64), (g.normal(size=(64, 5)) * 2).astype(np.float32)
+    p = DistillParams(scope="batch", class_totals="soft", sinkhorn=SinkhornParams(max_iter=5000, tol=1e-6))
+    obj = DsinkObjective(p, noise, imb, labels)
+    half = batch[0::2]
+    q_half = obj.targets(obj.train_logits(torch.from_numpy(student[half])), torch.from_numpy(half))
+    assert (q_half.double() - a["batch_soft_q"][0, 0::2]).abs().max() > 1e-3

@@ -100,7 +100,14 @@ def test_sigterm_stops_cleanly_and_params_change_starts_fresh(tmp_path):
 
 
 def test_distill_sigkill_then_rerun_equals_uninterrupted(tmp_path):
-    """`distill` checkpoints like the teachers: killed after epoch 1, it resumes to the same student."""
+    """`distill` checkpoints like the teachers: killed mid-cycle, it resumes to the same student.
+
+    Dataset scope with ``resolve_every: 3`` (solves before epochs 0 and 3): killed after epoch 0 or 1,
+    the resumed run must use the checkpointed solve (the student's weights at epoch 0 and its class
+    scaling), not re-solve from the resumed model.
+    """
+    import json
+
     import numpy as np
 
     from dsink.artifacts import logits_table, read_corrupted, write_logits
@@ -108,7 +115,7 @@ def test_distill_sigkill_then_rerun_equals_uninterrupted(tmp_path):
     def prepare(d: Path) -> Path:
         setup_dir(d)
         params = yaml.safe_load((d / "params.yaml").read_text())
-        params["distill"].update(epochs=5, batch_size=16, track_every=0)
+        params["distill"].update(epochs=5, batch_size=16, track_every=0, scope="dataset", resolve_every=3)
         (d / "params.yaml").write_text(yaml.safe_dump(params))
         idx = read_corrupted(d / "data/corrupted/train.parquet")
         n_te = 30
@@ -126,16 +133,23 @@ def test_distill_sigkill_then_rerun_equals_uninterrupted(tmp_path):
     d = prepare(tmp_path / "killed")
     proc = subprocess.Popen(cmd, cwd=d, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.time() + 240
-    while checkpoint_epoch(d) < 1 and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
+    while checkpoint_epoch(d) < 0 and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
     assert proc.poll() is None, "distill finished before it could be killed"
     proc.kill()
     proc.communicate(timeout=60)
+    killed_after = checkpoint_epoch(d)
+    assert killed_after in (0, 1), f"killed after epoch index {killed_after}: not mid-cycle"
     assert not (d / "data/student/model.pt").exists()
     res = subprocess.run(cmd, cwd=d, env=env(), check=True, capture_output=True, text=True)
-    assert "resuming after epoch" in res.stdout
+    assert f"resuming after epoch {killed_after + 1}" in res.stdout
     for name in ("model.pt", "logits.parquet"):
         assert (d / "data/student" / name).read_bytes() == (ref / "data/student" / name).read_bytes(), name
+    # the solver curves too: one solve before epoch 0 and one before epoch 3, none at the resume
+    live = [json.loads((where / "dvclive/student/metrics.json").read_text()) for where in (ref, d)]
+    assert live[0] == live[1]
+    tsv = (d / "dvclive/student/plots/metrics/sinkhorn_resolved.tsv").read_text().split()
+    assert [float(v) for v in tsv[3::2]] == [1.0, 0.0, 0.0, 1.0, 0.0], tsv
 
 
 @pytest.mark.parametrize("delay", [0.5, 2.0, 3.5])
