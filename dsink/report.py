@@ -25,8 +25,12 @@ MODELS = (
     ("dsink", "D-SINK student"),
     ("imbalance_teacher", "imbalance teacher f_L"),
     ("noise_teacher", "noise teacher f_N"),
+    ("teacher_average", "average of the two teachers"),
+    ("ce", "plain cross-entropy"),
+    ("la_gce", "GCE on logit-adjusted logits"),
 )
 COLUMNS = ("top1", "many", "medium", "few", "corrected", "memorised")
+VAL_COLUMNS = ("top1", "few")  # the validation split's numbers, what a benchmark chooses on
 
 
 def _fmt(v: Any) -> str:
@@ -34,13 +38,27 @@ def _fmt(v: Any) -> str:
 
 
 def _metrics_table(metrics: dict[str, Any]) -> str:
-    head = "".join(f"<th>{c}</th>" for c in COLUMNS)
+    head = "".join(f"<th>{c}</th>" for c in COLUMNS) + "".join(f"<th>val {c}</th>" for c in VAL_COLUMNS)
     rows = []
     for key, label in MODELS:
-        m = metrics.get(key, {})
+        if key not in metrics:
+            continue
+        m = metrics[key]
+        val = m.get("val") or {}
         cells = "".join(f"<td>{_fmt(m.get(c))}</td>" for c in COLUMNS)
+        cells += "".join(f"<td>{_fmt(val.get(c))}</td>" for c in VAL_COLUMNS)
         rows.append(f"<tr><th>{html.escape(label)}</th>{cells}</tr>")
     return f"<table><tr><th>model (%)</th>{head}</tr>{''.join(rows)}</table>"
+
+
+def _noise_rate(metrics: dict[str, Any]) -> str:
+    nr = metrics.get("noise_rate") or {}
+    if not nr:
+        return ""
+    return (
+        f"<p>Noise rate estimated by the noise teacher: {_fmt(nr.get('estimate'))} %; "
+        f"realised: {_fmt(nr.get('true'))} %.</p>"
+    )
 
 
 def _histogram(meta: dict[str, Any]) -> str:
@@ -99,8 +117,10 @@ img {{ max-width: 100%; }} figure {{ display: inline-block; margin: 0.5em; }}
 pre {{ background: #f6f6f6; padding: 1em; overflow: auto; }}
 </style></head><body>
 <h1>D-SINK run report</h1>
-<h2>Results (clean, balanced test set)</h2>
+<h2>Results (clean, balanced test set; val = the validation split)</h2>
+<p>Every model is read in the balanced space (raw logits + train_offset - log training prior).</p>
 {_metrics_table(results)}
+{_noise_rate(results)}
 <h2>Corruption</h2><p>{html.escape(summary)}</p>
 {_histogram(meta)}
 <h2>Figures</h2>

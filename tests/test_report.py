@@ -30,6 +30,8 @@ def test_report_is_self_contained(tmp_path):
         name: {"top1": 0.5, "many": 0.75, "medium": None, "few": 0.125, "corrected": 0.5, "memorised": 0.25}
         for name in ("dsink", "imbalance_teacher", "noise_teacher")
     }
+    metrics["dsink"]["val"] = {"top1": 0.375, "many": 1.0, "medium": None, "few": 0.0625}
+    metrics["noise_rate"] = {"estimate": 0.3125, "true": 0.25}
     (tmp_path / "evaluate.json").write_text(json.dumps(metrics))
     (tmp_path / "params.yaml").write_text("seed: 0\n")
     plots = tmp_path / "plots"
@@ -59,6 +61,8 @@ def test_report_is_self_contained(tmp_path):
     assert "http" not in page.replace("http-equiv", "")  # nothing fetched when opened
     assert "12.50" in page and "&lt;dog&gt;" in page and "25.00% of labels wrong" in page
     assert page.count("<tr>") >= 4
+    assert "37.50" in page and "6.25" in page  # the student's val top-1 and val few
+    assert "estimated by the noise teacher: 31.25 %; realised: 25.00 %" in page
 
 
 def test_report_without_a_run_is_one_line(tmp_path, capsys):
