@@ -57,6 +57,11 @@ def _with_meta(schema: pa.Schema, meta: dict[str, Any]) -> pa.Schema:
     return schema.with_metadata({META_KEY: json.dumps(meta, sort_keys=True).encode()})
 
 
+def with_meta(table: pa.Table, meta: dict[str, Any]) -> pa.Table:
+    """``table`` with ``meta`` as its ``dsink`` schema metadata (key-sorted JSON: stable bytes)."""
+    return table.replace_schema_metadata(_with_meta(table.schema, meta).metadata)
+
+
 def write_parquet(path: str | Path, table: pa.Table) -> None:
     """Atomically write ``table`` with zstd compression and no volatile metadata (byte-stable)."""
     with atomic_path(path) as tmp:

@@ -47,6 +47,7 @@ class Split:
     labels: np.ndarray  # int64 (N,)
     images: torch.Tensor | None = None
     loader: Callable[[Sequence[int]], torch.Tensor] | None = None
+    paths: list[str] | None = None  # image_folder: the file of each index (for reports a user acts on)
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -202,8 +203,16 @@ def _image_folder(p: DataParams) -> Source:
     return Source(
         name="image_folder",
         class_names=list(splits["train"].classes),
-        train=Split(np.asarray(splits["train"].targets, dtype=np.int64), loader=make_loader(splits["train"])),
-        test=Split(np.asarray(splits["test"].targets, dtype=np.int64), loader=make_loader(splits["test"])),
+        train=Split(
+            np.asarray(splits["train"].targets, dtype=np.int64),
+            loader=make_loader(splits["train"]),
+            paths=[path for path, _ in splits["train"].samples],
+        ),
+        test=Split(
+            np.asarray(splits["test"].targets, dtype=np.int64),
+            loader=make_loader(splits["test"]),
+            paths=[path for path, _ in splits["test"].samples],
+        ),
         channels=channels,
         image_size=(size, size),
     )

@@ -25,6 +25,7 @@ ALL_STAGES = {
     "train_baseline@la_gce",
     "distill",
     "evaluate",
+    "label_issues",
 }
 TEACHER_STAGES = {
     "train_teacher@imbalance",
