@@ -4,6 +4,7 @@
 - ``confusion.png``: the student's confusion matrix on the test set (row-normalised);
 - ``curves.png``: test top-1 and training loss per epoch of the three trainings (from dvclive);
 - ``corrected.png``: share of noisy training labels corrected / memorised per epoch.
+- :func:`precision_recall_png`: a label-issue score against the injected noise (for ``make report``).
 """
 
 from __future__ import annotations
@@ -136,3 +137,45 @@ def corrected_figure(live_dirs: dict[str, Path], path: Path) -> None:
     ax.legend(fontsize=7)
     ax.set_title("Noisy labels corrected (solid) and memorised (dashed)")
     _save(fig, path)
+
+
+def precision_recall_png(
+    precision: np.ndarray,
+    recall: np.ndarray,
+    operating_point: tuple[float, float] | None,
+    base_rate: float,
+    average_precision: float,
+) -> bytes:
+    """The precision-recall curve of a label-issue score against the injected noise, as PNG bytes.
+
+    ``precision`` / ``recall`` are the curve's points in order of decreasing threshold (recall rising);
+    each precision holds from the previous recall up to its own (the step average precision sums).
+    ``operating_point`` is the (precision, recall) of the stage's own rule, marked on top; ``base_rate``
+    (the share of wrong labels) is the precision of a random ranking, drawn dashed.
+    """
+    import io
+
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5.5, 4.2))
+    p = np.asarray(precision, dtype=float)
+    r = np.r_[0.0, np.asarray(recall, dtype=float)]
+    p = np.r_[p[0] if p.size else 1.0, p]
+    ax.step(r, p, where="pre", label=f"issue_score (average precision {average_precision:.3f})")
+    ax.axhline(base_rate, color="grey", ls="--", lw=1, label=f"random ranking ({100 * base_rate:.1f}% wrong)")
+    if operating_point is not None:
+        op_p, op_r = operating_point
+        ax.plot(
+            [op_r], [op_p], "o", color="C3", ms=9,
+            label=f"stage rule is_issue (precision {op_p:.3f}, recall {op_r:.3f})",
+        )  # fmt: skip
+    ax.set_xlabel("recall (share of the wrong labels flagged)")
+    ax.set_ylabel("precision (share of flags that are wrong)")
+    ax.set_xlim(-0.02, 1.02)
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower left")
+    ax.set_title("Label issues vs the injected noise")
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight", metadata={"Software": None})
+    plt.close(fig)
+    return buf.getvalue()
