@@ -108,8 +108,10 @@ def _setup_run(tmp_path: Path, write_params, noise_type: str = "symmetric") -> P
             "data.validation.per_class": 0,
         },
     )
-    corrupt_cli(["--params", str(tmp_path / "params.yaml"), "--out", str(tmp_path / "train.parquet"),
-                 "--metrics", str(tmp_path / "corrupt.json")])  # fmt: skip
+    corrupt_cli(
+        ["--params", str(tmp_path / "params.yaml"), "--out", str(tmp_path / "train.parquet"),
+         "--val-out", str(tmp_path / "val.parquet"), "--metrics", str(tmp_path / "corrupt.json")]
+    )  # fmt: skip
     idx = read_corrupted(tmp_path / "train.parquet")
     rng = np.random.default_rng(1)
     n, C, n_test = idx.sample_id.size, idx.num_classes, 20
