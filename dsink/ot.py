@@ -18,11 +18,12 @@ surrogate label is the normalised geometric mean of the two teachers, re-weighte
 vector ``u`` chosen so that the class totals come out as ``r``. A per-class offset added to ``log f_N`` or
 ``log f`` (a change of prior) is absorbed by ``u`` and leaves ``Q`` unchanged; only ``r`` depends on a prior.
 
-Everything here runs in the log domain (dual potentials and ``logsumexp`` updates) instead of on the
-scaling vectors of textbook Sinkhorn: with confident networks the log-probabilities reach -1e4, and
-``exp(-P / reg)`` then underflows to 0 in float32 and float64 alike, which makes the classical
-``u = a / (K v)`` iterations divide 0 by 0. Zero-mass classes (``log 0 = -inf``) are handled
-explicitly so that no ``-inf - (-inf)`` is ever formed.
+Nothing here runs textbook Sinkhorn on ``K = exp(-P / reg)``: with confident networks the
+log-probabilities reach -1e4, ``K`` then underflows to 0 in float32 and float64 alike, and the classical
+``u = a / (K v)`` iterations divide 0 by 0. The D-SINK solvers iterate the class potential in the log
+domain; :func:`sinkhorn` iterates scalings on a log-plan into which they are absorbed before they leave a
+safe range, and takes log-domain (``logsumexp``) steps where a sum would underflow. Zero-mass classes
+(``log 0 = -inf``) are handled explicitly so that no ``-inf - (-inf)`` is ever formed.
 
 Stopping rule, the same in every entry point: iterate until the marginal that the last half-step does not
 enforce exactly is met to a relative tolerance per entry,
@@ -67,6 +68,8 @@ __all__ = [
 ]
 
 _NEG_INF = float("-inf")
+#: :func:`sinkhorn` keeps its scalings within exp(+-30) of the absorbed log-plan (see there)
+_SCALING_RANGE = 30.0
 
 #: ``all_reduce(t)`` returns the elementwise sum of ``t`` over all ranks (it may work in place), the same
 #: values on every rank; with ``torch.distributed``: ``def all_reduce(t): dist.all_reduce(t); return t``.
@@ -176,8 +179,51 @@ def _warn_not_converged(what: str, n_iter: int, err: float, tol: float) -> None:
     )
 
 
+_TOTALS_BLOCK = 512
+
+
+def _column_sums(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``sum_i w_i x_ic`` in float64, from products in ``x``'s dtype over blocks of 512 rows.
+
+    A float32 matrix-vector product accumulates its rounding along the rows: over 65,536 rows the class
+    totals came out ~1e-5 relative off, over 10^6 rows ~1e-4, which stalls a relative tolerance of that
+    order. One batched product over blocks of 512 rows (one call) keeps each partial sum near 1e-7, and the
+    partials add up in float64: 2e-8 relative at 10^6 x 10, no slower than one long product.
+    ``x`` is ``(…, n, C)``, ``w`` is ``(…, n)``.
+    """
+    n = x.shape[-2]
+    m = n - n % _TOTALS_BLOCK
+    lead = x.shape[:-2]
+    total = torch.zeros(lead + x.shape[-1:], dtype=torch.float64, device=x.device)
+    if m:
+        xb = x[..., :m, :].reshape(*lead, m // _TOTALS_BLOCK, _TOTALS_BLOCK, x.shape[-1])
+        wb = w[..., :m].reshape(*lead, m // _TOTALS_BLOCK, 1, _TOTALS_BLOCK)
+        total += torch.matmul(wb, xb).sum((-3, -2), dtype=torch.float64)
+    if m < n:
+        total += (w[..., m:].unsqueeze(-2) @ x[..., m:, :]).squeeze(-2).to(torch.float64)
+    return total
+
+
+def _row_sums(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``sum_j x_ij w_j`` in float64, ``x`` ``(…, n, m)``, ``w`` ``(…, m)``: the twin of :func:`_column_sums`.
+
+    Up to 512 columns, one matrix-vector product in ``x``'s dtype; beyond, products summed within blocks of
+    512 columns (one pass with a temporary of ``x``'s size) and the block partials in float64.
+    """
+    m = x.shape[-1]
+    if m <= _TOTALS_BLOCK:
+        return (x @ w.unsqueeze(-1)).squeeze(-1).to(torch.float64)
+    mm = m - m % _TOTALS_BLOCK
+    xb = x[..., :mm].reshape(*x.shape[:-1], mm // _TOTALS_BLOCK, _TOTALS_BLOCK)
+    wb = w[..., :mm].reshape(*w.shape[:-1], 1, mm // _TOTALS_BLOCK, _TOTALS_BLOCK)
+    total = (xb * wb).sum(-1).sum(-1, dtype=torch.float64)
+    if mm < m:
+        total += (x[..., mm:] @ w[..., mm:].unsqueeze(-1)).squeeze(-1).to(torch.float64)
+    return total
+
+
 # ----------------------------------------------------------------------------------------------------
-# generic log-domain Sinkhorn
+# generic Sinkhorn
 # ----------------------------------------------------------------------------------------------------
 
 
@@ -290,25 +336,32 @@ def sinkhorn(
     check_every: int = 10,
     log: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, dict[str, Any]]:
-    """Entropic optimal transport plan, solved by Sinkhorn iterations in the log domain.
+    """Entropic optimal transport plan by Sinkhorn iterations, stabilised in the log domain.
 
     Solves ``min_T <T, M> + reg * sum T log T`` over plans ``T >= 0`` with ``T 1 = a`` and
     ``T^T 1 = b``, with POT's argument conventions (``ot.sinkhorn(a, b, M, reg)``): the solution is
-    ``T = diag(u) exp(-M / reg) diag(v)``.
+    ``T = diag(u) K diag(v)``, ``K = exp(-M / reg)``. One iteration is a column update followed by a row
+    update, POT's order,
 
-    Why the log domain: the kernel ``exp(-M / reg)`` underflows to exactly 0 as soon as ``M / reg``
-    exceeds ~87 (float32) or ~745 (float64) -- routine for costs built from log-probabilities of
-    confident networks -- and the classical ``u = a / (K v)`` update then yields 0/0. Here the
-    iterate is kept as the log-plan ``L = log_u - M / reg + log_v`` and each half-step subtracts a
-    ``logsumexp`` so that columns (then rows) of ``exp(L)`` sum to the target marginal. Updating
-    ``L`` in place (rather than recomputing ``-M/reg + log_u + log_v``, which adds numbers of
-    magnitude ``M/reg`` and cancels them) keeps the entries that carry mass -- those near
-    ``log(a_i b_j)`` -- at full relative precision, which matters in float32.
+        v <- b / (K^T u),        u <- a / (K v),
 
-    One iteration is a column update ``log_v += log b - logsumexp_i L`` followed by a row update
-    ``log_u += log a - logsumexp_j L``, POT's order, so after ``k`` iterations the plan is POT's
-    ``sinkhorn_log`` iterate ``k``. Right after the row update ``T 1 = a`` up to rounding, so the
-    convergence measure is the columns' relative error (see :func:`relative_marginal_error`)
+    so after ``k`` iterations the plan is POT's ``sinkhorn`` / ``sinkhorn_log`` iterate ``k`` (tested).
+
+    Numerics. ``K`` underflows to exactly 0 as soon as ``M / reg`` exceeds ~87 (float32) or ~745
+    (float64) -- routine for costs built from log-probabilities of confident networks -- and the textbook
+    update then divides 0 by 0. So the solver keeps the log-plan ``L`` of the last *absorption* and iterates
+    the scalings on ``K = exp(L)``: two matrix-vector products per iteration and no exponential. When an
+    update would leave ``[exp(-30), exp(30)]``, or meets a zero or non-finite sum, the last scalings are
+    absorbed (``L += log u + log v``, ``u = v = 1``) and that iteration runs in the log domain,
+    ``log v += log b - logsumexp_i L`` then ``log u += log a - logsumexp_j L``, which neither under- nor
+    overflows; ``K`` is recomputed from ``L`` (one exponential pass) at the next check. Within the range
+    ``u_i v_j <= exp(60)``, so an entry of ``K`` that underflowed (< 1.4e-45 in float32) stands for less
+    than 2e-19 of mass. ``L`` is updated in place rather than recomputed as ``-M / reg`` plus potentials
+    (which adds numbers of magnitude ``M / reg`` and cancels them), so entries that carry mass stay at full
+    relative precision; row and column sums are accumulated in float64 over blocks of 512.
+
+    Stopping: right after the row update ``T 1 = a`` up to rounding, so the convergence measure is the
+    columns' relative error (:func:`relative_marginal_error`, the rule of every solver here)
 
         err_b = max_{j : b_j > 0} |sum_i T_ij - b_j| / b_j,
 
@@ -326,8 +379,9 @@ def sinkhorn(
         tol: bound on ``err_b``, the relative error of the column sums; ``None`` selects
             :func:`default_tol` of ``M``'s dtype (``1e-9`` float64, ``1.19e-5`` float32).
         check_every: check the error every this many iterations (each check costs a device sync).
-        log: also return a dict with ``n_iter`` (iterations run), ``err`` (the larger of the relative
-            errors of the returned plan's row and column sums, over all batch problems), ``log_u`` and
+        log: also return a dict with ``n_iter`` (iterations run), ``n_log_iter`` (how many of them ran in
+            the log domain), ``err`` (the larger of the relative errors of the returned plan's row and
+            column sums, over all batch problems), ``log_u`` and
             ``log_v`` (dual potentials divided by ``reg``, such that
             ``plan = exp(log_u[..., :, None] - M / reg + log_v[..., None, :])``).
 
@@ -345,17 +399,58 @@ def sinkhorn(
     _check_iter_args(max_iter, tol, check_every)
     a, b, M, reg = _validate_sinkhorn_inputs(a, b, M, reg)
     tol = _resolve_tol(tol, M.dtype)
+    dtype = M.dtype
     log_a, log_b = _safe_log(a), _safe_log(b)
+    a64, b64 = a.to(torch.float64), b.to(torch.float64)
+    has_a, has_b = a > 0, b > 0
+    lo, hi = math.exp(-_SCALING_RANGE), math.exp(_SCALING_RANGE)
 
-    L = M / (-reg)  # fresh tensor: the log-plan, updated in place
-    log_u = torch.zeros_like(a)
+    L = M / (-reg)  # fresh tensor: the log-plan at the last absorption, updated in place
+    log_u = torch.zeros_like(a)  # potentials absorbed into L
     log_v = torch.zeros_like(b)
-    n_iter = 0
+    K: torch.Tensor | None = L.exp()  # None while in the log domain
+    u, v = torch.ones_like(a), torch.ones_like(b)  # plan = diag(u) exp(L) diag(v)
+    n_iter = n_log_iter = 0
     err_b = math.inf
     converged = False
     while True:
+        check = n_iter > 0 and (n_iter % check_every == 0 or n_iter >= max_iter)
+        if K is None and check:
+            K = L.exp()  # retry the scaling domain from the absorbed log-plan
+            u, v = torch.ones_like(a), torch.ones_like(b)
+        if K is not None:
+            ktu = _column_sums(K, u)  # column sums of diag(u) K, float64
+            if check:
+                err_b = relative_marginal_error(v * ktu, b).item()
+                if err_b <= tol:
+                    converged = True
+                    break
+            if n_iter >= max_iter:
+                break
+            v_new = torch.where(has_b, b64 / ktu, 0.0)
+            kv = _row_sums(K, v_new.to(dtype))
+            u_new = torch.where(has_a, a64 / kv, 0.0)
+            # all scalings with mass finite, positive and in range, else this iteration is a log-domain one
+            bounds = torch.stack(
+                (
+                    torch.where(has_b, v_new, hi).amin(),
+                    torch.where(has_b, v_new, lo).amax(),
+                    torch.where(has_a, u_new, hi).amin(),
+                    torch.where(has_a, u_new, lo).amax(),
+                )
+            ).tolist()
+            if lo <= bounds[0] and bounds[1] <= hi and lo <= bounds[2] and bounds[3] <= hi:
+                u, v = u_new.to(dtype), v_new.to(dtype)
+                n_iter += 1
+                continue
+            # absorb the last good scalings into the log-plan and take this iteration in the log domain
+            du, dv = _safe_log(u), _safe_log(v)
+            L.add_(du.unsqueeze(-1)).add_(dv.unsqueeze(-2))
+            log_u.add_(du)
+            log_v.add_(dv)
+            K = None
         lse_col = torch.logsumexp(L, dim=-2)  # log column sums of the current plan
-        if n_iter > 0 and (n_iter % check_every == 0 or n_iter >= max_iter):
+        if check:
             err_b = relative_marginal_error(lse_col.exp(), b).item()
             if err_b <= tol:
                 converged = True
@@ -369,13 +464,19 @@ def sinkhorn(
         L.add_(du.unsqueeze(-1))
         log_u.add_(du)
         n_iter += 1
+        n_log_iter += 1
 
-    plan = L.exp_()
+    if K is not None:
+        plan = K.mul_(u.unsqueeze(-1)).mul_(v.unsqueeze(-2))
+        log_u = log_u + _safe_log(u)
+        log_v = log_v + _safe_log(v)
+    else:
+        plan = L.exp_()
     err = max(relative_marginal_error(plan.sum(-1), a).item(), err_b)
     if not converged:
         _warn_not_converged("sinkhorn", n_iter, err, tol)
     if log:
-        return plan, {"n_iter": n_iter, "err": err, "log_u": log_u, "log_v": log_v}
+        return plan, {"n_iter": n_iter, "n_log_iter": n_log_iter, "err": err, "log_u": log_u, "log_v": log_v}
     return plan
 
 
@@ -618,31 +719,6 @@ def _raise_everywhere(error: ValueError | None, all_reduce: AllReduce | None, de
             all_reduce(flag)
     if error is not None:
         raise error
-
-
-_TOTALS_BLOCK = 512
-
-
-def _column_sums(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """``sum_i w_i x_ic`` in float64, from products in ``x``'s dtype over blocks of 512 rows.
-
-    A float32 matrix-vector product accumulates its rounding along the rows: over 65,536 rows the class
-    totals came out ~1e-5 relative off, over 10^6 rows ~1e-4, which stalls a relative tolerance of that
-    order. One batched product over blocks of 512 rows (one call) keeps each partial sum near 1e-7, and the
-    partials add up in float64: 2e-8 relative at 10^6 x 10, no slower than one long product.
-    ``x`` is ``(…, n, C)``, ``w`` is ``(…, n)``.
-    """
-    n = x.shape[-2]
-    m = n - n % _TOTALS_BLOCK
-    lead = x.shape[:-2]
-    total = torch.zeros(lead + x.shape[-1:], dtype=torch.float64, device=x.device)
-    if m:
-        xb = x[..., :m, :].reshape(*lead, m // _TOTALS_BLOCK, _TOTALS_BLOCK, x.shape[-1])
-        wb = w[..., :m].reshape(*lead, m // _TOTALS_BLOCK, 1, _TOTALS_BLOCK)
-        total += torch.matmul(wb, xb).sum((-3, -2), dtype=torch.float64)
-    if m < n:
-        total += (w[..., m:].unsqueeze(-2) @ x[..., m:, :]).squeeze(-2).to(torch.float64)
-    return total
 
 
 def _global_logsumexp(log_x: torch.Tensor, reduce: AllReduce) -> torch.Tensor:

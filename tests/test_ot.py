@@ -222,6 +222,37 @@ def test_sinkhorn_matches_pot(n: int, m: int, reg: float) -> None:
     assert plan.dtype == F64 and plan.shape == (n, m)
 
 
+@pytest.mark.parametrize("dtype", [F32, F64])
+@pytest.mark.parametrize("n,m", [(3, 2000), (2000, 3), (700, 1100)])
+def test_sinkhorn_wide_and_tall_match_pot(n: int, m: int, dtype: torch.dtype) -> None:
+    """Beyond 512 rows or columns the sums are accumulated over blocks; the plan is still POT's, and a
+    well-conditioned problem never leaves the scaling domain."""
+    a, b, M = _problem(n, m, seed=n + m)
+    plan, info = sinkhorn(a.to(dtype), b.to(dtype), M.to(dtype), 0.5, log=True)
+    assert info["n_log_iter"] == 0
+    tol = default_tol(dtype)
+    err_a, err_b = _marginal_errors(plan, a, b)
+    assert err_b <= 1.01 * tol and err_a <= 1.01 * tol
+    ref, _, _ = _pot_log(a, b, M, 0.5)
+    torch.testing.assert_close(plan.double(), ref, rtol=20 * tol, atol=0)
+
+
+def test_sinkhorn_scalings_absorbed_when_they_leave_the_range() -> None:
+    """Masses spread over 1e-40 .. 1: scalings must be absorbed into the log-plan along the way (the
+    scaling domain alone overflows float64's comfortable range), and the result is POT's."""
+    g = _gen(90)
+    n, m = 30, 8
+    a = torch.exp(-torch.linspace(0, 90, n, dtype=F64))
+    b = torch.exp(-torch.linspace(0, 60, m, dtype=F64))
+    a, b = a / a.sum(), b / b.sum()
+    M = torch.rand(n, m, generator=g, dtype=F64) * 20
+    plan, info = sinkhorn(a, b, M, 1.0, tol=1e-10, max_iter=5000, log=True)
+    assert 0 < info["n_log_iter"] < info["n_iter"]  # log-domain steps first, then scalings again
+    assert max(_marginal_errors(plan, a, b)) <= 1e-10
+    ref, _, _ = _pot_log(a, b, M, 1.0)
+    torch.testing.assert_close(plan, ref, rtol=1e-7, atol=0)
+
+
 @pytest.mark.parametrize("k", [1, 2, 7, 30])
 def test_sinkhorn_iterate_k_is_pots_iterate_k(k: int) -> None:
     """Not converged: after k iterations the plan is POT's sinkhorn_log plan after k iterations."""
@@ -291,6 +322,7 @@ def test_sinkhorn_log_domain_large_logits(dtype: torch.dtype) -> None:
     with pytest.warns(SinkhornConvergenceWarning):
         plan, info = sinkhorn(a, b, M, reg, max_iter=200, log=True)
     assert torch.isfinite(info["log_u"]).all() and torch.isfinite(info["log_v"]).all()
+    assert info["n_log_iter"] > 0  # the kernel underflows: some iterations need the log domain
     ref, _, _ = _pot_log(a, b, M, reg, n_iter=200)
     torch.testing.assert_close(plan.double(), ref, rtol=0, atol=1e-7)
     assert info["err"] == pytest.approx(_rel_err(ref.sum(0), b.double()), rel=1e-5)
