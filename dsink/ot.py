@@ -795,10 +795,11 @@ def dsink_targets(
         q_ic = exp(log k_ic + log u_c) / sum_c' exp(log k_ic' + log u_c'),   log k = -P / reg,
         s_c  = sum_i q_ic,        log u  <-  log u + log r - log s,
 
-    one exponential pass over N x C per iteration. It stops when the class totals meet
-    ``err = max_{c : r_c > 0} |s_c - r_c| / r_c <= tol`` (:func:`relative_marginal_error`), the rule of
-    every solver here. Everything stays in the log domain: rows are exponentiated after subtracting (a bound
-    on) their maximum, and the rare rows or classes that would underflow are recomputed exactly.
+    It stops when the class totals meet ``err = max_{c : r_c > 0} |s_c - r_c| / r_c <= tol``
+    (:func:`relative_marginal_error`), the rule of every solver here. The exponentials are taken once, after
+    subtracting each row's maximum; the iterations rescale their columns by ``exp(log u - log u0)`` (two
+    matrix-vector products each), and the exponentials are retaken from the log domain when that factor
+    leaves ``[exp(-30), exp(30)]`` or a class's total underflows (see ``_dsink_scaling``).
 
     At dataset scope (N ~ 1e6) use :func:`class_scaling`, which never materialises N x C temporaries.
 
@@ -823,10 +824,11 @@ def dsink_targets(
         tol: bound on ``err``, the largest relative error of a class total; ``None`` selects
             :func:`default_tol` of the inputs' dtype (``1e-9`` float64, ``1.19e-5`` float32).
         all_reduce: sum over ranks (see above); ``None`` for one process.
-        log: also return the solver info: ``n_iter``, ``err`` (the class-total error that ``tol`` bounds,
-            global), ``log_u`` (class potential, ``(…, C)``, largest entry 0), ``log_v`` (sample potential,
-            ``(…, N)``, this rank's rows), ``row_err`` = ``max_i |sum_c Q_ic - 1|`` over this rank's rows
-            and ``class_err`` (the same as ``err``).
+        log: also return the solver info: ``n_iter``, ``n_absorb`` (re-absorptions of the class scalings,
+            usually 0), ``err`` (the class-total error that ``tol`` bounds, global), ``log_u`` (class
+            potential, ``(…, C)``, largest entry 0), ``log_v`` (sample potential, ``(…, N)``, this rank's
+            rows), ``row_err`` = ``max_i |sum_c Q_ic - 1|`` over this rank's rows and ``class_err`` (the
+            same as ``err``).
 
     Returns:
         ``Q`` with the shape of the inputs, detached; or ``(Q, info)`` if ``log``.
@@ -937,72 +939,64 @@ def _dsink_scaling(
     reduce: AllReduce,
     want_log_v: bool = False,
 ) -> tuple[torch.Tensor, dict[str, Any]]:
-    """Sinkhorn on the D-SINK problem with the sample potential eliminated, in the log domain.
+    """Sinkhorn on the D-SINK problem with the sample potential eliminated, stabilised in the log domain.
 
     Every sample carries mass 1, so for a class potential ``log_u`` the sample potential is exact:
-    ``q_i = softmax_c(log_k_i + log_u)``. One iteration is then ``log_u += log r - log s`` with
-    ``s_c = sum_i q_ic`` (``reduce``-summed over the ranks), the same update as the row/column half-steps of
-    :func:`sinkhorn` but with one exponential pass over N x C instead of two: ``log_k + log_u - max(log_u)``
-    is <= 0 for log-probabilities, so it is exponentiated in place without a per-row maximum, rows are
-    normalised by their sum, and ``s`` is a matrix-vector product. Rows whose sum leaves the normal range
-    (teachers that confidently disagree, ``log_u`` spread over more than ~80 nats, or unnormalised inputs)
-    are recomputed with their exact maximum, and a class whose every ``q_ic`` underflows gets its total
-    from a log-domain ``logsumexp``, so no step forms ``log 0`` or loses a class. Both fallbacks are
-    decided from reduced quantities, so all ranks take them together.
+    ``q_i = softmax_c(log_k_i + log_u)``. One iteration is ``log_u += log r - log s`` with
+    ``s_c = sum_i q_ic`` (``reduce``-summed over the ranks): the row and column half-steps of
+    :func:`sinkhorn` in one. The exponentials are taken once per *absorption*: ``K = exp(z - max_c z)``
+    with ``z = log_k + log_u0`` (every row's largest entry exactly 1), and until the next one
+
+        w = exp(log_u - log_u0),    q_ic = K_ic w_c / sum_c' K_ic' w_c',
+
+    two matrix-vector products per iteration. ``log_u0`` is re-absorbed when ``log_u - log_u0`` leaves
+    ``[-30, 30]``: within it an entry of ``K`` that underflowed (< 1.4e-45 of its row's largest in
+    float32) stands for less than 2e-19 of the row's mass. A class whose every ``q_ic`` underflows gets its
+    total from a log-domain ``logsumexp`` (reduced over the ranks by :func:`_global_logsumexp`), so no step
+    forms ``log 0`` or loses a class, and is then re-absorbed. Every decision is taken from reduced
+    quantities or from ``log_u``, which all ranks share, so all ranks take the same branches.
     """
     dtype = log_k.dtype
-    low_sum = torch.finfo(dtype).tiny * 1e6
-    high_sum = torch.finfo(dtype).max / (4 * log_k.shape[-1])
     pos = r > 0
-    log_r = torch.where(pos, r, 1.0).log().to(dtype)  # finite; only read where pos
-    neg_inf = torch.full(r.shape, _NEG_INF, dtype=dtype, device=r.device)
+    log_r = torch.where(pos, r, 1.0).log()  # float64, finite; only read where pos
+    neg_inf = torch.full(r.shape, _NEG_INF, dtype=torch.float64, device=r.device)
     log_u = torch.where(pos, 0.0, neg_inf)
-    ones = torch.ones(log_k.shape[-1], dtype=dtype, device=log_k.device)
-    work = torch.empty_like(log_k)
-    k = r.numel()
-    n_iter = 0
+    K = torch.empty_like(log_k)
 
-    def measure(sums: torch.Tensor, check_rows: bool) -> tuple[torch.Tensor, float, float, bool]:
-        """Global class totals, and in one device sync: the error, the least total with mass, and whether
-        any rank has a row whose sum left the normal range."""
-        parts = [_column_sums(work, sums.reciprocal()).reshape(-1)]
-        if check_rows:
-            bad = (sums < low_sum) | (sums > high_sum) | ~torch.isfinite(sums)
-            parts.append(bad.any().to(torch.float64).reshape(1))
-        packed = reduce(torch.cat(parts))
-        s = packed[:k].reshape(r.shape)
-        bad_any = packed[k] if check_rows else torch.zeros((), dtype=torch.float64, device=s.device)
-        err, min_s, bad_rows = torch.stack(
-            (relative_marginal_error(s, r), torch.where(pos, s, 1.0).amin(), bad_any)
-        ).tolist()
-        return s, err, min_s, bad_rows > 0
+    def absorb(log_u: torch.Tensor) -> torch.Tensor:
+        """K = exp(log_k + log_u - row max) in place; returns the absorbed potential."""
+        shifted = (log_u - log_u.amax(-1, keepdim=True)).to(dtype).unsqueeze(-2)
+        torch.add(log_k, shifted, out=K)
+        K.sub_(K.amax(-1, keepdim=True)).exp_()
+        return log_u.clone()
 
+    log_u0 = absorb(log_u)
+    n_iter = n_absorb = 0
     while True:
-        # exp of the log-plan rows shifted by a bound on their maximum (log_u <= 0 after the shift)
-        shifted_u = (log_u - log_u.amax(-1, keepdim=True)).unsqueeze(-2)
-        torch.add(log_k, shifted_u, out=work).exp_()
-        sums = work @ ones
-        s, err, min_s, bad_rows = measure(sums, check_rows=True)
-        if bad_rows:  # rare: rows redone with their exact maximum (on the ranks that have such rows)
-            z = log_k + shifted_u
-            redo = (sums < low_sum) | (sums > high_sum) | ~torch.isfinite(sums)
-            shift = torch.where(redo, z.amax(-1), 0.0)
-            torch.exp(z - shift.unsqueeze(-1), out=work)
-            sums = work @ ones
-            s, err, min_s, _ = measure(sums, check_rows=False)
+        d = torch.where(pos, log_u - log_u0, 0.0)
+        w = torch.where(pos, d.exp(), 0.0)
+        sums = (K @ w.to(dtype).unsqueeze(-1)).squeeze(-1)  # row sums of K diag(w)
+        s = reduce(_column_sums(K, sums.reciprocal()) * w)
+        err, min_s, d_max, d_min = torch.stack(
+            (relative_marginal_error(s, r), torch.where(pos, s, 1.0).amin(), d.amax(), d.amin())
+        ).tolist()
+        if not (-_SCALING_RANGE <= d_min and d_max <= _SCALING_RANGE):
+            log_u0 = absorb(log_u)  # the scalings left their range: this iteration again, from a new K
+            n_absorb += 1
+            continue
         if err <= tol or n_iter >= max_iter:
             break
-        log_s = s.log().to(dtype)
+        log_s = s.log()
         if min_s <= 0:  # a class whose every q underflowed: its total in the log domain
-            z = log_k + log_u.unsqueeze(-2)
+            z = log_k + log_u.to(dtype).unsqueeze(-2)
             log_q = z - torch.logsumexp(z, -1, keepdim=True)
-            log_total = _global_logsumexp(torch.logsumexp(log_q, -2), reduce).to(dtype)
+            log_total = _global_logsumexp(torch.logsumexp(log_q, -2), reduce)
             log_s = torch.where(pos & (s <= 0), log_total, log_s)
         log_u = torch.where(pos, log_u + (log_r - log_s), neg_inf)
         n_iter += 1
-    q = work.div_(sums.unsqueeze(-1))
+    q = K.mul_(w.to(dtype).unsqueeze(-2)).div_(sums.unsqueeze(-1))
     log_u = log_u - log_u.amax(-1, keepdim=True)
-    info: dict[str, Any] = {"n_iter": n_iter, "err": err, "log_u": log_u}
+    info: dict[str, Any] = {"n_iter": n_iter, "n_absorb": n_absorb, "err": err, "log_u": log_u.to(dtype)}
     if want_log_v:
-        info["log_v"] = -torch.logsumexp(log_k + log_u.unsqueeze(-2), -1)
+        info["log_v"] = -torch.logsumexp(log_k + info["log_u"].unsqueeze(-2), -1)
     return q, info
