@@ -4,6 +4,13 @@
 of ``method.md`` (:func:`dsink.ot.dsink_targets`): cost from the noise-robust teacher's and the student's
 log-probabilities (per sample), class totals from the imbalance-robust teacher (per class).
 
+The base loss (CE or logit-adjusted CE on the noisy labels, or none) can be kept from memorising the
+noisy labels on a long schedule in two ways (the defaults are the original full-weight term):
+``base_weight`` ramped down to 0 (``base_ramp``, over ``base_ramp_epochs`` or the whole run), and a
+per-sample filter from the ``q`` already computed for the batch (``base_filter``: ``agree`` keeps the
+samples whose given label is ``argmax q``, ``soft`` weights each by ``q_i[y_i]``). Either way the
+weighted per-sample terms are summed and divided by the batch size (see :meth:`DsinkObjective.__call__`).
+
 Which prior each probability is under matters in one place only, the **class totals**: ``r`` is a
 training-set quantity, so the imbalance teacher's probabilities are read in the training-prior space
 
@@ -29,6 +36,7 @@ and the student's weights at the solve), so a run resumed mid-cycle uses exactly
 from __future__ import annotations
 
 import copy
+import math
 from typing import Any
 
 import numpy as np
@@ -146,10 +154,49 @@ class DsinkObjective:
         self._resolved = False  # a dataset-scope solve ran since the last epoch_metrics()
         self._iters: list[int] = []  # batch scope: this epoch's solves
         self._errs: list[float] = []
+        # this epoch's base-loss tallies: sum of the weights applied and steps; samples kept and seen
+        self._base = [0.0, 0.0, 0.0, 0.0]
 
     def alpha(self, progress: float) -> float:
         w = self.p.alpha_warmup_epochs
         return self.p.alpha * (min(1.0, progress / w) if w > 0 else 1.0)
+
+    def base_weight(self, progress: float) -> float:
+        """The base loss's weight at ``progress`` (epochs, fractional; 0 at the start of the run).
+
+        ``base_weight`` times 1 (``constant``), ``1 - s`` (``linear_down``) or ``(1 + cos(pi s)) / 2``
+        (``cosine_down``), ``s = min(1, progress / span)``, ``span`` = ``base_ramp_epochs`` or, when that
+        is 0, ``epochs``: 0 from the end of the ramp on. 0 with ``base_loss: none``.
+        """
+        p = self.p
+        if p.base_loss == "none":
+            return 0.0
+        if p.base_ramp == "constant":
+            return p.base_weight
+        span = p.base_ramp_epochs if p.base_ramp_epochs > 0 else p.epochs
+        s = min(1.0, max(0.0, progress / span))
+        if p.base_ramp == "linear_down":
+            return p.base_weight * (1.0 - s)
+        if p.base_ramp == "cosine_down":
+            return p.base_weight * 0.5 * (1.0 + math.cos(math.pi * s))
+        raise ValueError(f"base_ramp = {p.base_ramp!r}")
+
+    def base_sample_weights(self, q: torch.Tensor, labels: torch.Tensor) -> torch.Tensor | None:
+        """Per-sample weights of the base loss from this batch's ``q`` (``None``: every sample, weight 1).
+
+        ``agree``: 1 where the given label is ``argmax q`` (the transport plan's verdict), else 0.
+        ``soft``: ``q_i[y_i]``, the plan's probability of the given label. Both detached.
+        """
+        f = self.p.base_filter
+        if f == "all":
+            return None
+        q = q.detach()
+        y = labels.long().to(q.device)
+        if f == "agree":
+            return (q.argmax(1) == y).float()
+        if f == "soft":
+            return q.gather(1, y.unsqueeze(1)).squeeze(1).float()
+        raise ValueError(f"base_filter = {f!r}")
 
     def train_logits(self, raw: torch.Tensor) -> torch.Tensor:
         return raw + self.student_offset.to(raw.device)
@@ -186,13 +233,39 @@ class DsinkObjective:
     def __call__(
         self, logits: torch.Tensor, labels: torch.Tensor, rows: torch.Tensor, progress: float
     ) -> torch.Tensor:
+        """``w(progress) * L_base + alpha(progress) * CE(q, f)`` on this batch.
+
+        With a filter the base term is ``sum_i s_i CE_i / B`` (``s_i`` from :meth:`base_sample_weights`,
+        ``B`` the batch size), not a mean over the kept samples: a kept sample gets exactly the gradient
+        it gets without the filter (the filter only removes the others, it does not up-weight the rest
+        as fewer agree), a batch that keeps nothing is not 0 / 0, and no count has to be summed over the
+        ranks, so under torchrun the term is the same as the unfiltered one's (a mean over the local batch,
+        averaged over the ranks by DDP) whatever the world size.
+        """
         z_train = self.train_logits(logits)
         q = self.targets(z_train, rows)
         loss = self.alpha(progress) * losses.soft_cross_entropy(z_train, q)
-        if self.p.base_loss == "logit_adjusted":
-            loss = loss + losses.cross_entropy(logits + self.base_offset.to(logits.device), labels)
-        elif self.p.base_loss == "ce":
-            loss = loss + losses.cross_entropy(logits, labels)
+        w = self.base_weight(progress)
+        n = labels.numel()
+        kept = 0.0
+        if self.p.base_loss != "none":
+            z_base = logits
+            if self.p.base_loss == "logit_adjusted":
+                z_base = logits + self.base_offset.to(logits.device)
+            s = self.base_sample_weights(q, labels)
+            if s is None:
+                base = losses.cross_entropy(z_base, labels)
+                kept = float(n)
+            else:
+                per = losses.cross_entropy(z_base, labels, reduction="none")
+                base = (s.to(per.device, per.dtype) * per).sum() / n
+                kept = float(s.sum())
+            loss = loss + w * base  # w = 1.0 (the default): exactly the unweighted term
+        tally = self._base
+        tally[0] += w
+        tally[1] += 1.0
+        tally[2] += kept
+        tally[3] += float(n)
         return loss
 
     # -- dataset scope ----------------------------------------------------------------------------------
@@ -267,12 +340,32 @@ class DsinkObjective:
     # -- engine hooks -----------------------------------------------------------------------------------
 
     def epoch_metrics(self) -> dict[str, float]:
-        """The epoch's Sinkhorn solves, the same on every rank; resets the batch-scope tallies.
+        """The epoch's Sinkhorn solves and base loss, the same on every rank; resets the epoch's tallies.
 
         Batch scope: ``sinkhorn_iter_mean``, ``sinkhorn_iter_max``, ``sinkhorn_err_max`` over the epoch's
         solves (all ranks). Dataset scope: ``sinkhorn_iter`` and ``sinkhorn_err`` of the solve in use (this
-        epoch's, or the last one) and ``sinkhorn_resolved`` (1 if it ran this epoch).
+        epoch's, or the last one) and ``sinkhorn_resolved`` (1 if it ran this epoch). Once a batch has
+        been trained: ``base_weight``, the mean over the epoch's steps of the base loss's weight (0 with
+        ``base_loss: none``), and ``base_share``, the share of the epoch's samples the base loss was
+        applied to (1 with ``base_filter: all``, the kept share with ``agree``, the mean ``q_i[y_i]`` with
+        ``soft``, 0 with ``base_loss: none``; it does not include the weight).
         """
+        out = self._solver_metrics()
+        out.update(self._base_metrics())
+        return out
+
+    def _base_metrics(self) -> dict[str, float]:
+        t = torch.tensor(self._base, dtype=torch.float64)
+        self._base = [0.0, 0.0, 0.0, 0.0]
+        if self.rt.distributed:
+            t = t.to(self.rt.device)
+            dist.all_reduce(t)
+            t = t.cpu()
+        if t[1] == 0:
+            return {}
+        return {"base_weight": float(t[0] / t[1]), "base_share": float(t[2] / t[3])}
+
+    def _solver_metrics(self) -> dict[str, float]:
         if self.p.scope == "dataset":
             if not self.solve:
                 return {}

@@ -29,6 +29,8 @@ IMBALANCE_METHODS = ("logit_adjustment", "balanced_softmax", "ce")
 NOISE_METHODS = ("gce", "small_loss", "elr", "ce")
 MODEL_NAMES = ("small_cnn", "resnet32", "preact_resnet18")
 BASELINES = ("ce", "la_gce")
+BASE_RAMPS = ("constant", "linear_down", "cosine_down")
+BASE_FILTERS = ("all", "agree", "soft")
 
 AUTO = "auto"
 # A switch that can also be left to the machine: ``true``, ``false`` or ``"auto"`` (decided at run time).
@@ -179,6 +181,14 @@ class DistillParams(TrainParams):
     alpha: float = _opt(1.0, ge=0.0)
     alpha_warmup_epochs: int = _opt(0, ge=0)
     base_loss: str = _opt("logit_adjusted", choices=("ce", "logit_adjusted", "none"))
+    # the base loss's weight: base_weight at epoch 0, then constant or ramped down to 0 over
+    # base_ramp_epochs (0: over the whole run, ``epochs``); the defaults are the original full weight
+    base_weight: float = _opt(1.0, ge=0.0)
+    base_ramp: str = _opt("constant", choices=BASE_RAMPS)
+    base_ramp_epochs: int = _opt(0, ge=0)
+    # which samples the base loss is applied to: all; agree = given label == argmax q (the transport
+    # plan's verdict); soft = each sample weighted by q_i[given label]. Always normalised by the batch size.
+    base_filter: str = _opt("all", choices=BASE_FILTERS)
     tau: float = _opt(1.0, ge=0.0)  # student's logit adjustment: raw logits + tau*log(prior) = train space
     scope: str = _opt("dataset", choices=("batch", "dataset"))
     resolve_every: int = _opt(1, ge=1)  # dataset scope: epochs between re-solves

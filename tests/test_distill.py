@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from dsink import ot
+from dsink import losses, ot
 from dsink.artifacts import (
     CorruptedIndex,
     TeacherLogits,
@@ -164,6 +164,141 @@ def test_loss_gradient_matches_closed_form(base):
 def test_alpha_warmup_is_linear():
     obj, _, _ = objective(alpha=2.0, alpha_warmup_epochs=4)
     assert obj.alpha(0.0) == 0.0 and obj.alpha(1.0) == pytest.approx(0.5) and obj.alpha(10.0) == 2.0
+
+
+# -- the base loss: weight schedule, sample filter -------------------------------------------------------
+
+R2 = 2**-0.5  # cos(pi / 4)
+
+
+@pytest.mark.parametrize(
+    "ramp, ramp_epochs, expected",
+    [
+        # base_weight 2, epochs 10: (progress, weight)
+        ("constant", 0, [(0.0, 2.0), (2.5, 2.0), (9.9, 2.0), (30.0, 2.0)]),
+        ("linear_down", 0, [(0.0, 2.0), (2.5, 1.5), (5.0, 1.0), (7.5, 0.5), (10.0, 0.0), (12.0, 0.0)]),
+        ("linear_down", 4, [(0.0, 2.0), (1.0, 1.5), (3.0, 0.5), (4.0, 0.0), (8.0, 0.0)]),
+        ("cosine_down", 0, [(0.0, 2.0), (2.5, 1 + R2), (5.0, 1.0), (7.5, 1 - R2), (10.0, 0.0), (11.0, 0.0)]),
+        ("cosine_down", 4, [(0.0, 2.0), (1.0, 1 + R2), (2.0, 1.0), (3.0, 1 - R2), (4.0, 0.0)]),
+    ],
+)
+def test_base_weight_schedule_in_closed_form(ramp, ramp_epochs, expected):
+    obj, _, _ = objective(base_weight=2.0, base_ramp=ramp, base_ramp_epochs=ramp_epochs, epochs=10)
+    for progress, w in expected:
+        assert obj.base_weight(progress) == pytest.approx(w, abs=1e-12), (progress, w)
+    none, _, _ = objective(base_loss="none", base_weight=2.0, base_ramp=ramp, epochs=10)
+    assert none.base_weight(0.0) == 0.0
+
+
+def base_batch(filter: str, alpha: float = 0.7, **kw):
+    """An objective, logits, its q and labels = argmax q except at rows 1, 4 and 6 (moved one class on)."""
+    obj, _, _ = objective(prior="noisy_labels", alpha=alpha, base_filter=filter, **kw)
+    N, C = 8, 4
+    z = torch.from_numpy(np.random.default_rng(11).normal(size=(N, C)) * 2).float()
+    rows = torch.arange(N)
+    if obj.p.scope == "dataset":  # q from a whole-set solve on these logits, read per batch
+        obj.resolve_dataset(z.numpy())
+    q = obj.targets(obj.train_logits(z), rows)
+    labels = q.argmax(1).clone()
+    flipped = torch.tensor([1, 4, 6])
+    labels[flipped] = (labels[flipped] + 1) % C
+    obj.epoch_metrics()  # forget the solve above
+    return obj, z, rows, q, labels, flipped
+
+
+def _hand_base_terms(z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-sample logit-adjusted CE with the noisy-label prior of NOISY8 (tau = 1), by hand."""
+    zb = z.double() + torch.from_numpy(LOG_PRIOR8)
+    return -(zb - torch.logsumexp(zb, 1, keepdim=True)).gather(1, labels.unsqueeze(1)).squeeze(1)
+
+
+def _hand_distill_term(obj: DsinkObjective, z: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    zt = obj.train_logits(z).double()
+    return -(q.double() * (zt - torch.logsumexp(zt, 1, keepdim=True))).sum(1).mean()
+
+
+def test_agree_masks_exactly_the_samples_whose_label_is_not_argmax_q():
+    obj, z, rows, q, labels, flipped = base_batch("agree")
+    keep = obj.base_sample_weights(q, labels)
+    expected_keep = torch.ones(8)
+    expected_keep[flipped] = 0.0
+    assert torch.equal(keep, expected_keep)
+    loss = obj(z, labels, rows, progress=3.0)
+    per = _hand_base_terms(z, labels)
+    hand = 0.7 * _hand_distill_term(obj, z, q) + per[expected_keep.bool()].sum() / 8  # / batch size
+    assert float(loss) == pytest.approx(float(hand), abs=1e-5)
+    # normalised by the batch, not by the 5 kept samples (and not the unfiltered loss)
+    assert abs(float(loss) - float(0.7 * _hand_distill_term(obj, z, q) + per[keep.bool()].mean())) > 1e-3
+    assert abs(float(loss) - float(0.7 * _hand_distill_term(obj, z, q) + per.mean())) > 1e-3
+    m = obj.epoch_metrics()
+    assert m["base_share"] == pytest.approx(5 / 8) and m["base_weight"] == 1.0
+
+
+def test_soft_filter_weights_each_sample_by_q_of_its_label():
+    obj, z, rows, q, labels, _ = base_batch("soft", base_weight=0.5)
+    loss = obj(z, labels, rows, progress=3.0)
+    s = q.double().gather(1, labels.unsqueeze(1)).squeeze(1)
+    hand = 0.7 * _hand_distill_term(obj, z, q) + 0.5 * (s * _hand_base_terms(z, labels)).sum() / 8
+    assert float(loss) == pytest.approx(float(hand), abs=1e-5)
+    assert obj.epoch_metrics()["base_share"] == pytest.approx(float(s.mean()), abs=1e-6)
+
+
+@pytest.mark.parametrize("filter", ["agree", "soft"])
+@pytest.mark.parametrize("scope", ["batch", "dataset"])
+def test_masked_samples_get_no_base_loss_gradient(filter, scope):
+    """alpha = 0 isolates the base term: its gradient is ``s_i (softmax(z_i + lp) - onehot_i) / B``."""
+    obj, z, rows, q, labels, flipped = base_batch(filter, alpha=0.0, scope=scope)
+    z = z.clone().requires_grad_(True)
+    obj(z, labels, rows, progress=1.0).backward()
+    with torch.no_grad():
+        if filter == "agree":
+            s = torch.ones(8)
+            s[flipped] = 0.0
+        else:
+            s = q.float().gather(1, labels[:, None]).squeeze(1)
+        lp = torch.from_numpy(LOG_PRIOR8).float()
+        expected = s[:, None] * (torch.softmax(z + lp, 1) - F.one_hot(labels, 4).float()) / 8
+    assert torch.allclose(z.grad, expected, atol=1e-6)
+    if filter == "agree":
+        assert torch.equal(z.grad[flipped], torch.zeros(3, 4))  # exactly zero, not just small
+        kept = torch.tensor([0, 2, 3, 5, 7])
+        assert (z.grad[kept].abs().sum(1) > 1e-4).all()
+
+
+@pytest.mark.parametrize("base", ["logit_adjusted", "ce"])
+def test_defaults_reproduce_the_original_loss_exactly(base):
+    """Default base_* keys: ``alpha * CE(q, f) + mean_i CE_base_i``: full weight, every sample, all epochs."""
+    p = DistillParams()
+    assert (p.base_weight, p.base_ramp, p.base_ramp_epochs, p.base_filter) == (1.0, "constant", 0, "all")
+    # labels that disagree with argmax q at rows 1, 4, 6; late in a run that a ramp would have shrunk
+    obj, z, rows, q, labels, _ = base_batch("all", base_loss=base, epochs=10)
+    progress = 7.5
+    loss = obj(z, labels, rows, progress)
+    zb = z + torch.from_numpy(LOG_PRIOR8).float() if base == "logit_adjusted" else z
+    # the original formula, with the library's losses as the first implementation wrote it: bit for bit ...
+    original = 0.7 * losses.soft_cross_entropy(obj.train_logits(z), q) + losses.cross_entropy(zb, labels)
+    assert torch.equal(loss, original)
+    # ... and by hand in float64
+    nll = -(zb.double() - torch.logsumexp(zb.double(), 1, keepdim=True)).gather(1, labels[:, None]).mean()
+    assert float(loss) == pytest.approx(float(0.7 * _hand_distill_term(obj, z, q) + nll), abs=1e-5)
+    m = obj.epoch_metrics()
+    assert m == {**{k: m[k] for k in m if k.startswith("sinkhorn")}, "base_weight": 1.0, "base_share": 1.0}
+
+
+def test_base_metrics_average_the_epochs_steps_and_reset():
+    # dataset scope: each row's q (so its verdict) is the same in a batch of 8 and of 4
+    obj, z, rows, q, labels, _ = base_batch("agree", base_ramp="linear_down", epochs=4, scope="dataset")
+    for progress in (0.0, 0.5, 1.0):  # weights 1, 0.875, 0.75
+        obj(z, labels, rows, progress)
+    obj(z[:4], labels[:4], rows[:4], 1.5)  # weight 0.625; rows 0..3 keep 0, 2, 3 (1 flipped)
+    m = obj.epoch_metrics()
+    assert m["base_weight"] == pytest.approx((1 + 0.875 + 0.75 + 0.625) / 4)
+    assert m["base_share"] == pytest.approx((3 * 5 + 3) / (3 * 8 + 4))
+    assert not any(k.startswith("base") for k in obj.epoch_metrics())  # reset: no batch since
+    none, _, _ = objective(base_loss="none", base_filter="agree")
+    none(z, labels, rows, 0.0)
+    m = none.epoch_metrics()
+    assert m["base_weight"] == 0.0 and m["base_share"] == 0.0
 
 
 def test_hard_class_totals_count_argmax():
@@ -365,6 +500,66 @@ def test_distill_logs_every_solve_to_dvclive(scope, overrides, keys, tmp_path, m
     assert lp.shape == (3,) and np.allclose(np.exp(lp).sum(), 1.0) and np.allclose(off, 0.5 * lp, atol=1e-6)
 
 
+def _curve(live: Path, key: str) -> list[float]:
+    rows = (live / "plots/metrics" / f"{key}.tsv").read_text().strip().splitlines()[1:]
+    return [float(r.split("\t")[-1]) for r in rows]
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {},  # the defaults: full weight, every sample
+        {"distill.base_ramp": "linear_down", "distill.base_filter": "agree", "distill.base_weight": 0.5},
+        {
+            "distill.base_ramp": "cosine_down",
+            "distill.base_ramp_epochs": 2,
+            "distill.base_filter": "soft",
+            "distill.scope": "dataset",
+            "distill.base_loss": "ce",
+        },
+        {"distill.base_loss": "none", "distill.base_filter": "agree"},
+    ],
+    ids=["defaults", "linear_agree", "cosine_soft_dataset", "none"],
+)
+def test_distill_logs_the_base_loss_weight_and_share(overrides, tmp_path, monkeypatch, write_params):
+    """A tiny run with each base-loss option finishes; dvclive has the weight and the share per epoch."""
+    epochs = 3
+    kw = {"distill.scope": "batch", "distill.epochs": epochs, **overrides}
+    d = _tiny_distill_dir(tmp_path, write_params, kw)
+    monkeypatch.chdir(d)
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    _load_stage("distill").cli([])
+    live = d / "dvclive/student"
+    last = json.loads((live / "metrics.json").read_text())
+    assert "base_weight" in last and "base_share" in last, sorted(last)
+    weight, share = _curve(live, "base_weight"), _curve(live, "base_share")
+    assert len(weight) == epochs and len(share) == epochs
+    # the weight: the mean of the closed-form schedule over each epoch's steps (batch 16, one process)
+    n = read_corrupted("data/corrupted/train.parquet").sample_id.size
+    steps = -(-n // 16)
+    p = DistillParams(**{k.split(".", 1)[1]: v for k, v in kw.items()})
+    w0 = p.base_weight if p.base_loss != "none" else 0.0
+    span = p.base_ramp_epochs or epochs
+
+    def w(t: float) -> float:
+        s = min(1.0, t / span)
+        return {"constant": w0, "linear_down": w0 * (1 - s), "cosine_down": w0 * (1 + np.cos(np.pi * s)) / 2}[
+            p.base_ramp
+        ]
+
+    expected = [np.mean([w(e + k / steps) for k in range(steps)]) for e in range(epochs)]
+    assert np.allclose(weight, expected, atol=1e-6), (weight, expected)
+    if p.base_loss == "none":
+        assert share == [0.0] * epochs
+    elif p.base_filter == "all":
+        assert share == [1.0] * epochs
+    else:  # the teachers point at the given labels: q agrees with most of them, not necessarily all
+        assert all(0.3 < x <= 1.0 for x in share), share
+        if p.base_filter == "soft":
+            assert all(x < 1.0 for x in share), share
+
+
 # -- checkpointed dataset-scope solves ------------------------------------------------------------------
 
 
@@ -467,6 +662,30 @@ for scope in ("batch", "dataset"):
         else:
             per_rank = [vec]
         out[f"{scope}_{totals}_metrics"] = torch.stack(per_rank)
+    # the filtered, ramped base loss: DDP averages the ranks' gradients, so each rank's logit gradient
+    # over the world size is its share of the one-process gradient
+    p = DistillParams(scope=scope, class_totals="soft", chunk_size=7, base_filter="agree",
+                      base_ramp="linear_down", epochs=3, sinkhorn=SinkhornParams(max_iter=5000, tol=1e-6))
+    obj = DsinkObjective(p, noise, imb, labels, rt)
+    if scope == "dataset":
+        a, b = shard_bounds(N, rt.world_size, rt.rank)
+        obj.resolve_dataset(gather_rows(student[a:b], N, rt), epoch=0)
+    grads = []
+    for step in range(3):
+        batch = np.random.default_rng(10 + step).permutation(N)[:B]
+        pos = np.arange(rt.rank, B, rt.world_size)
+        z = torch.from_numpy(student[batch[pos]]).requires_grad_(True)
+        obj(z, torch.from_numpy(labels[batch[pos]]), torch.from_numpy(batch[pos]), 0.5 * step).backward()
+        grads.append(assemble(z.grad / rt.world_size, torch.from_numpy(pos), B))
+    out[f"{scope}_base_grad"] = torch.stack(grads)
+    m = obj.epoch_metrics()
+    vec = torch.tensor([m["base_weight"], m["base_share"]], dtype=torch.float64)
+    per_rank = [torch.empty_like(vec) for _ in range(rt.world_size)]
+    if rt.distributed:
+        dist.all_gather(per_rank, vec)
+    else:
+        per_rank = [vec]
+    out[f"{scope}_base_metrics"] = torch.stack(per_rank)
 if rt.is_main:
     torch.save(out, sys.argv[1])
 teardown_runtime(rt)
@@ -476,6 +695,9 @@ teardown_runtime(rt)
 @pytest.mark.timeout(300)
 def test_torchrun_surrogate_labels_do_not_depend_on_the_world_size(tmp_path):
     """2 CPU processes (gloo) give the surrogate labels of one process on the same global batches.
+
+    The same holds for the loss gradient with the base loss filtered by ``agree`` and ramped down, and
+    for its epoch metrics (weight and kept share, summed over the ranks).
 
     Batch scope: each rank holds half of every batch and the class totals are summed over the ranks
     inside the solver. Dataset scope: each rank contributes one shard of the student's logits, rank 0
@@ -514,6 +736,11 @@ def test_torchrun_surrogate_labels_do_not_depend_on_the_world_size(tmp_path):
             assert (m1[0, 1:] - m2[0, 1:]).abs().max() <= 1, (key, m1, m2)
         if scope == "dataset":  # the same gathered logits, solved once on rank 0: bit for bit
             assert torch.equal(a[f"{key}_log_u"], b[f"{key}_log_u"])
+        # the agree-filtered base loss (normalised by the batch): the same gradient and epoch metrics
+        assert (a[f"{scope}_base_grad"] - b[f"{scope}_base_grad"]).abs().max() < 1e-6, scope
+        m1, m2 = a[f"{scope}_base_metrics"], b[f"{scope}_base_metrics"]
+        assert torch.equal(m2[0], m2[1]) and torch.allclose(m1[0], m2[0], atol=1e-12), (scope, m1, m2)
+        assert 0 < m1[0, 1] < 1, (scope, m1)  # the filter dropped some samples and kept some
     # the check has teeth: one rank's half of a batch solved alone gives other labels
     batch = np.random.default_rng(10).permutation(64)[:24]
     g = np.random.default_rng(0)
