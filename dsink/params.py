@@ -27,6 +27,7 @@ DATASETS = ("fashion_mnist", "cifar10", "cifar100", "image_folder", "synthetic")
 NOISE_TYPES = ("none", "symmetric", "asymmetric", "imbalanced", "file")
 IMBALANCE_METHODS = ("logit_adjustment", "balanced_softmax", "ce")
 NOISE_METHODS = ("gce", "small_loss", "elr", "ce")
+NOISE_RATE_MIXTURES = ("per_class", "global")  # dsink.noise_rate.MIXTURES
 MODEL_NAMES = ("small_cnn", "resnet32", "preact_resnet18")
 BASELINES = ("ce", "la_gce")
 BASE_RAMPS = ("constant", "linear_down", "cosine_down")
@@ -135,8 +136,12 @@ class ImbalanceTeacherParams(TrainParams):
 class NoiseTeacherParams(TrainParams):
     method: str = _opt("gce", choices=NOISE_METHODS)
     q: float = _opt(0.7, gt=0.0, le=1.0)
-    forget_rate: float | None = _opt(None, ge=0.0, lt=1.0)  # small_loss; null = data.noise.rate
+    # small_loss: the share to forget; null = estimated from the noisy data (dsink.noise_rate)
+    forget_rate: float | None = _opt(None, ge=0.0, lt=1.0)
     ramp_epochs: int = _opt(10, ge=0)
+    # forget_rate null: epochs of plain CE (every sample kept) before the estimate, and how it is fitted
+    estimate_epochs: int = _opt(1, ge=1)
+    estimate_mixture: str = _opt("per_class", choices=NOISE_RATE_MIXTURES)
     elr_beta: float = _opt(0.7, ge=0.0, lt=1.0)
     elr_lambda: float = _opt(3.0, ge=0.0)
 

@@ -1,8 +1,10 @@
 """DVC stage `train_teacher@<role>`: train the imbalance-robust (f_L) or noise-robust (f_N) teacher.
 
-Reads `seed`, `data` and `teachers.<role>`; writes data/teachers/<role>/model.pt (a state dict) and
-dvclive curves under dvclive/teacher_<role>. Resumes from .dsink/checkpoints when a run of the same
-params was interrupted. Runs single-process, or DDP when launched by torchrun.
+Reads `seed`, `data` and `teachers.<role>`; writes data/teachers/<role>/model.pt (a state dict),
+data/teachers/<role>/estimate.json (the noise teacher's noise-rate estimate, null when not estimated)
+and dvclive curves under dvclive/teacher_<role>. No clean label reaches the weights. Resumes from
+.dsink/checkpoints when a run of the same params was interrupted. Runs single-process, or DDP when
+launched by torchrun.
 """
 
 from __future__ import annotations
@@ -19,9 +21,13 @@ def main(args: argparse.Namespace) -> None:
     params = load_params(args.params)
     model_out = args.out or f"data/teachers/{args.role}/model.pt"
     live = args.live or f"dvclive/teacher_{args.role}"
-    last = fit_teacher(params, args.role, args.corrupted, model_out, live)
+    estimate = args.estimate or f"data/teachers/{args.role}/estimate.json"
+    last = fit_teacher(params, args.role, args.corrupted, model_out, live, estimate)
     if last:
         print(f"teacher[{args.role}]: test top-1 {last.get('test_top1', float('nan')):.4f} -> {model_out}")
+    if "noise_rate_estimate" in last:
+        est = last["noise_rate_estimate"]
+        print(f"teacher[{args.role}]: noise rate estimated from the noisy labels {est:.4f}")
 
 
 def cli(argv: list[str] | None = None) -> None:
@@ -30,6 +36,11 @@ def cli(argv: list[str] | None = None) -> None:
     p.add_argument("--corrupted", default="data/corrupted/train.parquet", help="corrupted index")
     p.add_argument("--out", default=None, help="model path (default: data/teachers/<role>/model.pt)")
     p.add_argument("--live", default=None, help="dvclive directory (default: dvclive/teacher_<role>)")
+    p.add_argument(
+        "--estimate",
+        default=None,
+        help="noise-rate estimate JSON (default: data/teachers/<role>/estimate.json)",
+    )
     stage.run(main, p, argv)
 
 
