@@ -115,7 +115,11 @@ def _load_stage(name: str):
 
 @pytest.mark.parametrize(("rate", "ratio"), [(0.3, 1), (0.3, 4)])
 def test_planted_noise_on_the_synthetic_set(rate, ratio, tmp_path, monkeypatch, write_params):
-    """The noise teacher's own estimate (one warm-up epoch) lands near the planted rate."""
+    """The noise teacher's own estimate (two warm-up epochs) lands near the planted rate.
+
+    (After one epoch this toy set can still have a class the model does not predict yet: with ratio 4
+    and seed 0, class 1's clean samples then split like noise and the estimate is 0.42 for 0.31.)
+    """
     write_params(
         tmp_path,
         {
@@ -127,10 +131,11 @@ def test_planted_noise_on_the_synthetic_set(rate, ratio, tmp_path, monkeypatch, 
             "data.synthetic.image_size": 8,
             "data.synthetic.train_per_class": 200,
             "data.synthetic.test_per_class": 10,
+            "data.validation.per_class": 5,
             "teachers.noise.method": "small_loss",
             "teachers.noise.forget_rate": None,
-            "teachers.noise.estimate_epochs": 1,
-            "teachers.noise.epochs": 2,
+            "teachers.noise.estimate_epochs": 2,
+            "teachers.noise.epochs": 3,
             "teachers.noise.batch_size": 16,
             "teachers.noise.track_every": 0,
         },
@@ -142,7 +147,7 @@ def test_planted_noise_on_the_synthetic_set(rate, ratio, tmp_path, monkeypatch, 
     est = json.loads(Path("data/teachers/noise/estimate.json").read_text())
     truth = json.loads(Path("metrics/corrupt.json").read_text())["noise_rate"]
     assert est["role"] == "noise" and est["forget_rate"] == est["noise_rate_estimate"]
-    assert est["noise_rate_estimate"] == pytest.approx(truth, abs=0.05)
+    assert est["noise_rate_estimate"] == pytest.approx(truth, abs=0.02)
     # logged to dvclive with the epochs after the estimate
     metrics = json.loads(Path("dvclive/teacher_noise/metrics.json").read_text())
     assert metrics["noise_rate_estimate"] == est["noise_rate_estimate"]
