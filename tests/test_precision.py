@@ -190,6 +190,27 @@ def test_step_timer_reports_the_median_and_leaves_model_and_rng_alone():
     assert not any(prm.grad is not None for prm in model.parameters())
 
 
+def test_step_timer_stops_timing_a_setting_that_is_clearly_slower():
+    model = build_model("small_cnn", 3, 1)
+    x, y = torch.randn(2, 1, 8, 8), torch.tensor([0, 1])
+    # fp32 1 s/step, bf16 9 s/step, channels_last: a 20 s warm-up
+    durations = iter([1.0, 1.0, 1.0, 1.0, 9.0, 9.0, 20.0, 9.0, 9.0, 9.0])
+    calls = itertools.count()
+    now = [0.0]
+
+    def clock():  # calls alternate start, stop; a stop is the start plus the next duration
+        if next(calls) % 2:
+            now[0] += next(durations)
+        return now[0]
+
+    measure = step_timer(model, x, y, steps=3, warmup=1, give_up=1.5, hopeless=10.0, clock=clock)
+    assert measure(FP32) == 1.0
+    assert measure(BF16) == 9.0  # its first timed step is over 1.5 x 1.0: no second one
+    assert measure(CL) == 20.0  # its warm-up alone is over 10 x 1.0: no timed step
+    assert next(calls) == 2 * (4 + 2 + 1)  # fp32: warm-up + 3 steps; bf16: warm-up + 1; cl: warm-up
+    assert list(durations) == [9.0, 9.0, 9.0]
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
