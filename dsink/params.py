@@ -140,7 +140,7 @@ class NoiseTeacherParams(TrainParams):
     forget_rate: float | None = _opt(None, ge=0.0, lt=1.0)
     ramp_epochs: int = _opt(10, ge=0)
     # forget_rate null: epochs of plain CE (every sample kept) before the estimate, and how it is fitted
-    estimate_epochs: int = _opt(1, ge=1)
+    estimate_epochs: int = _opt(2, ge=1)
     estimate_mixture: str = _opt("per_class", choices=NOISE_RATE_MIXTURES)
     elr_beta: float = _opt(0.7, ge=0.0, lt=1.0)
     elr_lambda: float = _opt(3.0, ge=0.0)
