@@ -5,8 +5,9 @@ User A runs the pipeline on the tiny synthetic dataset, commits, and pushes the 
 cache) to a remote: a local directory, or S3 served by moto on loopback (credentials from environment
 variables only). User B clones A's git repo, pulls only the corrupted set and the two teachers' logits,
 and reproduces: neither teacher is retrained or re-dumped, no teacher checkpoint is downloaded, and B's
-student and metrics equal A's. An experiment travels with `dvc exp push` / `dvc exp pull`. A wrong
-endpoint or missing credentials fail fast with DVC's error, and the secret key is never printed or saved.
+student (`model.pt`, logits) and metrics are byte-identical to A's (both run on this machine). An
+experiment travels with `dvc exp push` / `dvc exp pull`. A wrong endpoint or missing credentials fail
+fast with DVC's error, and the secret key is never printed or saved.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 from conftest import DVC, TEACHER_STAGES, env, init_repo, ran_stages, run
 
@@ -33,6 +33,8 @@ ACCESS_KEY = "AKIA" + secrets.token_hex(8).upper()
 SECRET_KEY = "dsink-secret-" + secrets.token_hex(16)
 # What user B pulls (README): the corrupted set and the two teachers' logits, not their checkpoints.
 SHARED = ("data/corrupted/train.parquet", "data/logits/imbalance.parquet", "data/logits/noise.parquet")
+# What a change of `distill` params reruns: the student and everything downstream of it.
+STUDENT_STAGES = {"distill", "evaluate", "label_issues"}
 
 
 @pytest.fixture(scope="module")
@@ -193,20 +195,19 @@ def test_share_teacher_logits(kind: str, built: Path, aws_home: Path, tmp_path: 
     assert {"train_teacher@imbalance", "train_teacher@noise"} <= stale
     # ... `--allow-missing` skips every stage whose only change is missing data: here, all of them.
     assert ran_stages(sh([DVC, "repro", "--allow-missing"], b)) == set()
-    # Rebuilding the student from the shared logits gives A's student and metrics exactly.
+    # Rebuilding the student from the shared logits gives A's student and metrics exactly: A and B run on
+    # the same machine here, where CPU training is bit-reproducible, and `save_state_dict` writes through a
+    # file handle, so the zip records do not carry the (temporary) file name. (On another CPU model B's
+    # retrained student would match A's only approximately: README, "Reliability".)
     assert ran_stages(sh([DVC, "repro", "-f", "-s", "distill", "evaluate"], b)) == {"distill", "evaluate"}
     assert_no_checkpoints()
-    for path in ("metrics/evaluate.json", "data/student/logits.parquet"):
+    for path in ("metrics/evaluate.json", "data/student/logits.parquet", "data/student/model.pt"):
         assert (b / path).read_bytes() == (a / path).read_bytes(), path
-    # model.pt's bytes differ (torch.save names its zip records after the temporary file); its weights do not
-    state_a = torch.load(a / "data/student/model.pt", weights_only=True)
-    state_b = torch.load(b / "data/student/model.pt", weights_only=True)
-    assert state_a.keys() == state_b.keys()
-    assert all(torch.equal(state_a[k], state_b[k]) for k in state_a)
+    assert lock_md5(b, "distill", "data/student/model.pt") == lock_md5(a, "distill", "data/student/model.pt")
 
     # --- an experiment of A, shared through the git remote and the DVC remote ---
     out = sh([DVC, "exp", "run", "-n", "alpha05", "-S", "distill.alpha=0.5"], a)
-    assert ran_stages(out) == {"distill", "evaluate"}
+    assert ran_stages(out) == STUDENT_STAGES
     metrics_a = (a / "metrics/evaluate.json").read_bytes()
     sh([DVC, "exp", "push", "origin", "alpha05"], a)
     sh([DVC, "exp", "pull", "--no-cache", "origin", "alpha05"], b)
@@ -216,7 +217,7 @@ def test_share_teacher_logits(kind: str, built: Path, aws_home: Path, tmp_path: 
     if kind == "local":  # touches no remote, so once is enough
         # B reruns it from the shared logits: only the student and the evaluation run, with A's results.
         out = sh([DVC, "exp", "run", "--allow-missing", "-S", "distill.alpha=0.5"], b)
-        assert ran_stages(out) == {"distill", "evaluate"}
+        assert ran_stages(out) == STUDENT_STAGES
         assert (b / "metrics/evaluate.json").read_bytes() == metrics_a
         assert_no_checkpoints()
 
