@@ -80,7 +80,7 @@ def overrides(ratio: int, setting: tuple, seed: int, epochs: int, fast: bool, ro
     for sec in TRAININGS:
         sets += [f"{sec}.epochs={epochs}", f"{sec}.track_every=0"]
         if fast:
-            sets += [f"{sec}.bf16=true", f"{sec}.channels_last=true"]
+            sets += [f"{sec}.bf16=auto", f"{sec}.channels_last=auto"]
     return sets
 
 
@@ -269,7 +269,7 @@ def main(argv: list[str] | None = None) -> None:
     q.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds at ratio 100")
     q.add_argument("--seeds-other", type=int, nargs="+", default=[0], help="seeds at other ratios")
     q.add_argument("--root", default=str(ROOT / "data/raw"), help="Fashion-MNIST root (made absolute)")
-    q.add_argument("--fp32", action="store_true", help="train in float32 (default: bf16 + channels_last)")
+    q.add_argument("--fp32", action="store_true", help="plain float32 (default: bf16, channels_last auto)")
     q.set_defaults(fn=cmd_queue)
     s = sub.add_parser("start", help="start queue workers")
     s.add_argument("--jobs", type=int, default=1, help="parallel workers (threads split between them)")
