@@ -28,8 +28,9 @@ NOISE_TYPES = ("none", "symmetric", "asymmetric", "imbalanced", "file")
 IMBALANCE_METHODS = ("logit_adjustment", "balanced_softmax", "ce")
 NOISE_METHODS = ("gce", "small_loss", "elr", "ce")
 NOISE_RATE_MIXTURES = ("per_class", "global")  # dsink.noise_rate.MIXTURES
-MODEL_NAMES = ("small_cnn", "resnet32", "preact_resnet18")
-BASELINES = ("ce", "la_gce")
+MODEL_NAMES = ("small_cnn", "resnet32", "preact_resnet18", "mlp")
+BASELINES = ("ce", "la_small_loss")
+SELECTIONS = ("global", "per_class")
 BASE_RAMPS = ("constant", "linear_down", "cosine_down")
 BASE_FILTERS = ("all", "agree", "soft")
 
@@ -127,21 +128,44 @@ class TrainParams:
 
 
 @dataclass
-class ImbalanceTeacherParams(TrainParams):
-    method: str = _opt("logit_adjustment", choices=IMBALANCE_METHODS)
-    tau: float = _opt(1.0, ge=0.0)
+class TeacherParams(TrainParams):
+    """What both teachers share besides the engine's knobs: how their training-set logits are made.
+
+    ``folds: 1``: one model trained on every sample predicts those same samples (in-sample logits, which
+    approach the noisy one-hot labels once the model memorises). ``folds: k >= 2``: k-fold cross-fitting,
+    each training sample's logits come from the model that did not train on it; validation and test
+    logits are the fold models' average (``dsink.cross_fit``).
+    """
+
+    folds: int = _opt(1, ge=1)
 
 
 @dataclass
-class NoiseTeacherParams(TrainParams):
-    method: str = _opt("gce", choices=NOISE_METHODS)
-    q: float = _opt(0.7, gt=0.0, le=1.0)
-    # small_loss: the share to forget; null = estimated from the noisy data (dsink.noise_rate)
+class SmallLossParams:
+    """Small-loss selection (keep the samples the model fits best), shared by the noise teacher and the
+    one-model baseline ``la_small_loss``."""
+
+    # the share to forget; null = estimated from the noisy data (dsink.noise_rate)
     forget_rate: float | None = _opt(None, ge=0.0, lt=1.0)
     ramp_epochs: int = _opt(10, ge=0)
     # forget_rate null: epochs of plain CE (every sample kept) before the estimate, and how it is fitted
     estimate_epochs: int = _opt(2, ge=1)
     estimate_mixture: str = _opt("per_class", choices=NOISE_RATE_MIXTURES)
+    # global: one keep-rate over the batch; per_class: each given-label class keeps its own share (its
+    # own estimated rate when forget_rate is null), so a tail class is not dropped wholesale
+    selection: str = _opt("per_class", choices=SELECTIONS)
+
+
+@dataclass
+class ImbalanceTeacherParams(TeacherParams):
+    method: str = _opt("logit_adjustment", choices=IMBALANCE_METHODS)
+    tau: float = _opt(1.0, ge=0.0)
+
+
+@dataclass
+class NoiseTeacherParams(TeacherParams, SmallLossParams):
+    method: str = _opt("gce", choices=NOISE_METHODS)
+    q: float = _opt(0.7, gt=0.0, le=1.0)
     elr_beta: float = _opt(0.7, ge=0.0, lt=1.0)
     elr_lambda: float = _opt(3.0, ge=0.0)
 
@@ -158,11 +182,11 @@ class CEBaselineParams(TrainParams):
 
 
 @dataclass
-class LAGCEBaselineParams(TrainParams):
-    """The naive single-loss combination: GCE (noise-robust) on logit-adjusted logits (tail-aware)."""
+class LASmallLossBaselineParams(TrainParams, SmallLossParams):
+    """One model for both problems, as strong as a user would build it: logit-adjusted CE (tail-aware)
+    trained on the samples class-aware small-loss selection keeps (noise-robust)."""
 
     tau: float = _opt(1.0, ge=0.0)
-    q: float = _opt(0.7, gt=0.0, le=1.0)
 
 
 @dataclass
@@ -170,7 +194,7 @@ class BaselinesParams:
     """Comparison models trained on the same data and evaluated beside D-SINK (``train_baseline@*``)."""
 
     ce: CEBaselineParams = _sub(CEBaselineParams)
-    la_gce: LAGCEBaselineParams = _sub(LAGCEBaselineParams)
+    la_small_loss: LASmallLossBaselineParams = _sub(LASmallLossBaselineParams)
 
 
 @dataclass
@@ -382,7 +406,7 @@ def _check_cross_field(p: Params) -> None:
         ("teachers.imbalance", p.teachers.imbalance),
         ("teachers.noise", p.teachers.noise),
         ("baselines.ce", p.baselines.ce),
-        ("baselines.la_gce", p.baselines.la_gce),
+        ("baselines.la_small_loss", p.baselines.la_small_loss),
         ("distill", p.distill),
     ):
         ms = train.milestones

@@ -8,68 +8,23 @@ written to ``estimate_out`` for ``dump_logits`` to put in the logits metadata (`
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from dsink.artifacts import write_json
 from dsink.engine import (
-    Runtime,
     clear_checkpoint,
-    predict_logits,
     save_state_dict,
     setup_runtime,
     teardown_runtime,
     train,
 )
 from dsink.models import build_model
-from dsink.noise_rate import estimate_noise_rate
-from dsink.params import NoiseTeacherParams
-from dsink.runs import Corpus, checkpoint_dir, open_corpus, stage_config
+from dsink.runs import checkpoint_dir, open_corpus, stage_config
+from dsink.selection import estimate_hook, noise_rate_of_model
 from dsink.teachers import recipe_for
 from dsink.tracking import epoch_tracker
-
-
-def noise_rate_of_model(model: torch.nn.Module, corpus: Corpus, mixture: str, rt: Runtime) -> float:
-    """The noise rate estimated from ``model``'s eval-mode logits on every training sample.
-
-    Rank 0 predicts (fp32) and fits; the value is broadcast, so every rank, whatever the world size,
-    uses the number a single process would have computed.
-    """
-    value = torch.zeros(1, dtype=torch.float64, device=rt.device)
-    if rt.is_main:
-        net = getattr(model, "module", model)
-        idx = corpus.index
-        z = predict_logits(
-            net,
-            corpus.source.train,
-            idx.sample_id,
-            corpus.normalizer,
-            rt.device,
-            512,
-            desc="noise rate",
-            rt=rt,
-        )
-        value[0] = estimate_noise_rate(z, idx.noisy_label, mixture)
-    if rt.distributed:
-        dist.broadcast(value, src=0)
-    return float(value.item())
-
-
-def estimate_hook(
-    objective: Any, corpus: Corpus, tp: NoiseTeacherParams, rt: Runtime
-) -> Callable[[torch.nn.Module, int], None]:
-    """An ``on_epoch_start`` callback: before epoch ``tp.estimate_epochs`` (0-based), i.e. once that many
-    epochs are done, estimate the noise rate and hand it to the objective. A run resumed later has it
-    from its checkpoint; one resumed exactly there computes it from the same model."""
-
-    def on_epoch_start(model: torch.nn.Module, epoch: int) -> None:
-        if objective.noise_rate_estimate is None and epoch >= tp.estimate_epochs:
-            objective.set_estimate(noise_rate_of_model(model, corpus, tp.estimate_mixture, rt))
-
-    return on_epoch_start
 
 
 def fit_teacher(

@@ -16,6 +16,7 @@ import torch
 
 from dsink import losses
 from dsink import teacher_training as tt
+from dsink import selection
 from dsink.artifacts import CorruptedIndex, read_corrupted, read_logits
 from dsink.params import NoiseTeacherParams, load_params
 from dsink.teachers import MAX_FORGET_RATE, noise_recipe
@@ -145,8 +146,8 @@ def _fit(d: Path, monkeypatch, crash_at: int | None = None, before_estimate: boo
         computed.append(len(computed))
         return real_of_model(*args, **kwargs)
 
-    def hook(objective, corpus, tp, rt):
-        inner = real_hook(objective, corpus, tp, rt)
+    def hook(objective, corpus, tp, rt, rows=None):
+        inner = real_hook(objective, corpus, tp, rt, rows)
 
         def on_epoch_start(model, epoch):
             if epoch == crash_at and before_estimate:
@@ -159,6 +160,7 @@ def _fit(d: Path, monkeypatch, crash_at: int | None = None, before_estimate: boo
 
     monkeypatch.setattr(tt, "estimate_hook", hook)
     monkeypatch.setattr(tt, "noise_rate_of_model", counting_of_model)
+    monkeypatch.setattr(selection, "noise_rate_of_model", counting_of_model)
     monkeypatch.chdir(d)
     params = load_params("params.yaml")
     try:
@@ -257,7 +259,7 @@ from dsink.engine import setup_runtime, teardown_runtime
 from dsink.models import build_model
 from dsink.params import load_params
 from dsink.runs import open_corpus
-from dsink.teacher_training import noise_rate_of_model
+from dsink.selection import noise_rate_of_model
 
 rt = setup_runtime()
 params = load_params("params.yaml")

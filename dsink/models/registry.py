@@ -9,6 +9,7 @@ from collections.abc import Callable
 from torch import nn
 
 from dsink.errors import DsinkError
+from dsink.models.mlp import MLP
 from dsink.models.preact_resnet import PreActResNet18
 from dsink.models.resnet32 import ResNet32
 from dsink.models.small_cnn import SmallCNN
@@ -18,6 +19,7 @@ MODELS: dict[str, Callable[[int, int], nn.Module]] = {
     "resnet32": ResNet32,
     "preact_resnet18": PreActResNet18,
     "small_cnn": SmallCNN,
+    "mlp": MLP,
 }
 
 
