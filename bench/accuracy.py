@@ -2,70 +2,148 @@
 
 Every cell is a DVC experiment of the project's own pipeline (`dvc exp run --queue -S ...`), so every
 number traces to an experiment that `dvc exp show` lists and `dvc exp apply` restores. One experiment
-trains all five models on the same corrupted set with the same backbone, epochs and precision: the
-imbalance teacher (logit adjustment), the noise teacher (small-loss selection), plain cross-entropy and
-GCE on logit-adjusted logits (`train_baseline@*`), and the D-SINK student; `evaluate` adds the average of
-the two teachers' probabilities.
+trains every model on the same corrupted set with the same backbone, epochs and precision: the
+imbalance teacher, the noise teacher, plain cross-entropy and the one-model baseline (logit-adjusted CE
+with class-aware small-loss selection, `train_baseline@*`), and the D-SINK student; `evaluate` adds the
+average of the two teachers' probabilities. The methods' own settings are those of params.yaml (the
+defaults chosen on the validation split); a regime sets only the data, the backbone and the schedule.
 
-    python bench/accuracy.py queue --epochs 6         # queue the grid (names acc-r<ratio>-<noise>-s<seed>)
-    python bench/accuracy.py start --jobs 2           # run the queue (workers inherit this environment)
-    python bench/accuracy.py collect                  # table + bench/results/accuracy.json
+Two regimes (`--regime`):
+
+  memorising   (names mem-r<ratio>-<noise>-s<seed>) the `mlp` backbone on raw pixels, 60 epochs, no
+               augmentation: plain CE memorises the noisy labels (its per-epoch test curve is tracked, so
+               `collect` reports its best epoch beside its final one and the memorised share).
+  short        (names acc-r<ratio>-<noise>-s<seed>) the `small_cnn` backbone, 6 epochs: nothing has
+               time to memorise (the grid of issue #6, rerun with today's defaults).
+
+    python bench/accuracy.py queue --regime memorising          # ratio 100 x 3 seeds, ratio 10 x 1 seed
+    python bench/accuracy.py start --jobs 2 --wait              # two workers, one torch thread each
+    python bench/accuracy.py collect --regime memorising        # table + bench/results/accuracy_mem.json
 
 `collect` reads finished experiments only (`dvc exp show --json`) and reports mean and spread (sample
-standard deviation) over seeds, so it can be rerun while the queue drains.
+standard deviation) over seeds and D-SINK's margin paired by seed, so it can be rerun while the queue
+drains. `start --wait` records the queue's wall time in bench/results/queue_wall.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
+import io
 import json
 import os
 import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
 DVC = str(VENV_BIN / "dvc")
-PREFIX = "acc"
 
-# (label, data.noise.type, data.noise.rate): the settings of issue #6
-NOISE_SETTINGS = (
-    ("sym0.2", "symmetric", 0.2),
-    ("sym0.4", "symmetric", 0.4),
-    ("asym0.2", "asymmetric", 0.2),
-    ("imb0.4", "imbalanced", 0.4),
+TRAININGS = (
+    "teachers.imbalance",
+    "teachers.noise",
+    "baselines.ce",
+    "baselines.la_small_loss",
+    "distill",
 )
-TRAININGS = ("teachers.imbalance", "teachers.noise", "baselines.ce", "baselines.la_gce", "distill")
 METHODS = (
     ("ce", "plain CE"),
     ("imbalance_teacher", "imbalance teacher (LA)"),
     ("noise_teacher", "noise teacher (small-loss)"),
-    ("la_gce", "LA + GCE (one loss)"),
+    ("la_small_loss", "LA + small-loss (one model)"),
     ("teacher_average", "teacher average"),
     ("dsink", "D-SINK"),
 )
-SINGLE = ("ce", "imbalance_teacher", "noise_teacher", "la_gce", "teacher_average")
+SINGLE = ("ce", "imbalance_teacher", "noise_teacher", "la_small_loss", "teacher_average")
 
 
-def exp_name(ratio: int, noise: str, seed: int) -> str:
-    return f"{PREFIX}-r{ratio}-{noise}-s{seed}"
+@dataclass(frozen=True)
+class Regime:
+    """What a grid fixes besides the data: backbone, schedule, and which noise settings it covers."""
+
+    prefix: str
+    model: str
+    epochs: int
+    augment: bool
+    # (label, data.noise.type, data.noise.rate)
+    settings: tuple[tuple[str, str, float], ...]
+    ce_track_every: int  # plain CE's test curve (best epoch vs final); 0: not tracked
+    track_every: int  # the other models' curves
+    noise_ramp_half: bool  # small-loss ramps its forget rate over the first half of a short run
 
 
-def grid(ratios: list[int], seeds_at_100: list[int], seeds_else: list[int]) -> list[tuple[int, tuple, int]]:
+REGIMES = {
+    "memorising": Regime(
+        prefix="mem",
+        model="mlp",
+        epochs=60,
+        augment=False,
+        settings=(
+            ("sym0.4", "symmetric", 0.4),
+            ("sym0.6", "symmetric", 0.6),
+            ("asym0.4", "asymmetric", 0.4),
+            ("imb0.4", "imbalanced", 0.4),
+        ),
+        ce_track_every=1,
+        track_every=5,
+        noise_ramp_half=False,
+    ),
+    "short": Regime(
+        prefix="acc",
+        model="small_cnn",
+        epochs=6,
+        augment=False,
+        settings=(
+            ("sym0.2", "symmetric", 0.2),
+            ("sym0.4", "symmetric", 0.4),
+            ("asym0.2", "asymmetric", 0.2),
+            ("imb0.4", "imbalanced", 0.4),
+        ),
+        ce_track_every=0,
+        track_every=0,
+        noise_ramp_half=True,
+    ),
+}
+#: every noise setting any regime uses, by label
+ALL_SETTINGS = {label: (label, kind, rate) for r in REGIMES.values() for label, kind, rate in r.settings}
+PREFIX = REGIMES["short"].prefix
+
+
+def exp_name(ratio: int, noise: str, seed: int, prefix: str = PREFIX) -> str:
+    return f"{prefix}-r{ratio}-{noise}-s{seed}"
+
+
+def grid(
+    ratios: list[int], seeds_at_100: list[int], seeds_else: list[int], regime: Regime = REGIMES["short"]
+) -> list[tuple[int, tuple, int]]:
+    """Cells ordered so a partial run is useful: every setting at the first seed before the next seed."""
     cells = []
     for ratio in ratios:
-        for setting in NOISE_SETTINGS:
-            for seed in seeds_at_100 if ratio == 100 else seeds_else:
+        seeds = seeds_at_100 if ratio == 100 else seeds_else
+        for seed in seeds:
+            for setting in regime.settings:
                 cells.append((ratio, setting, seed))
     return cells
 
 
-def overrides(ratio: int, setting: tuple, seed: int, epochs: int, fast: bool, root: str) -> list[str]:
+def overrides(
+    ratio: int,
+    setting: tuple,
+    seed: int,
+    regime: Regime,
+    root: str,
+    epochs: int | None = None,
+    fast: bool = True,
+    extra: list[str] | None = None,
+) -> list[str]:
+    """The ``-S`` overrides of one cell: data, seed, and the regime's backbone and schedule."""
     _, kind, rate = setting
+    ep = regime.epochs if epochs is None else epochs
     sets = [
         f"seed={seed}",
         "data.dataset=fashion_mnist",
@@ -74,14 +152,21 @@ def overrides(ratio: int, setting: tuple, seed: int, epochs: int, fast: bool, ro
         f"data.imbalance.ratio={ratio}",
         f"data.noise.type={kind}",
         f"data.noise.rate={rate}",
-        # small-loss selection ramps its forget rate over the first half of training, as by default
-        f"teachers.noise.ramp_epochs={max(1, epochs // 2)}",
     ]
+    if regime.noise_ramp_half:
+        for sec in ("teachers.noise", "baselines.la_small_loss"):
+            sets.append(f"{sec}.ramp_epochs={max(1, ep // 2)}")
     for sec in TRAININGS:
-        sets += [f"{sec}.epochs={epochs}", f"{sec}.track_every=0"]
+        track = regime.ce_track_every if sec == "baselines.ce" else regime.track_every
+        sets += [
+            f"{sec}.model={regime.model}",
+            f"{sec}.epochs={ep}",
+            f"{sec}.augment={str(regime.augment).lower()}",
+            f"{sec}.track_every={track}",
+        ]
         if fast:
             sets += [f"{sec}.bf16=auto", f"{sec}.channels_last=auto"]
-    return sets
+    return sets + list(extra or [])
 
 
 def worker_env(threads: int) -> dict[str, str]:
@@ -97,15 +182,25 @@ def worker_env(threads: int) -> dict[str, str]:
     return env
 
 
+def regime_prefix(regime: Regime, tag: str | None) -> str:
+    """Experiment-name prefix: the regime's, plus ``_<tag>`` for a variant (e.g. a validation sweep)."""
+    return regime.prefix if not tag else f"{regime.prefix}_{tag}"
+
+
 def cmd_queue(args: argparse.Namespace) -> None:
-    cells = grid(args.ratios, args.seeds, args.seeds_other)
+    regime = REGIMES[args.regime]
+    prefix = regime_prefix(regime, args.tag)
+    cells = grid(args.ratios, args.seeds, args.seeds_other, regime)
+    if args.noise:
+        cells = [c for c in cells if c[1][0] in args.noise]
+    root = str(Path(args.root).resolve())
     for ratio, setting, seed in cells:
-        name = exp_name(ratio, setting[0], seed)
-        sets = overrides(ratio, setting, seed, args.epochs, not args.fp32, str(Path(args.root).resolve()))
+        name = exp_name(ratio, setting[0], seed, prefix)
+        sets = overrides(ratio, setting, seed, regime, root, args.epochs, not args.fp32, args.set)
         cmd = [DVC, "exp", "run", "--queue", "-n", name] + [a for s in sets for a in ("-S", s)]
         subprocess.run(cmd, cwd=ROOT, check=True, env=worker_env(1), stdout=subprocess.DEVNULL)
         print(f"queued {name}")
-    print(f"{len(cells)} experiments queued; run: python bench/accuracy.py start --jobs N")
+    print(f"{len(cells)} experiments queued; run: python bench/accuracy.py start --jobs N --wait")
 
 
 def cmd_start(args: argparse.Namespace) -> None:
@@ -121,7 +216,13 @@ def cmd_start(args: argparse.Namespace) -> None:
         if not busy:
             break
         time.sleep(30)
-    print(f"queue drained in {time.time() - start:.0f} s")
+    wall = time.time() - start
+    done = [ln for ln in out.stdout.splitlines() if " Success " in ln]
+    record = {"jobs": args.jobs, "threads_per_job": threads, "wall_s": round(wall, 1), "succeeded": len(done)}
+    path = ROOT / "bench/results/queue_wall.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=1) + "\n")
+    print(f"queue drained in {wall:.0f} s ({len(done)} succeeded)")
 
 
 def _experiments(node: Any) -> list[dict[str, Any]]:
@@ -138,6 +239,25 @@ def _experiments(node: Any) -> list[dict[str, Any]]:
     return found
 
 
+CE_CURVE = "dvclive/baseline_ce/plots/metrics/test_top1.tsv"
+
+
+def read_curve(text: str) -> list[tuple[int, float]]:
+    """``(step, value)`` rows of a dvclive TSV (columns ``timestamp``, ``step`` and the metric; the
+    metric is the last column)."""
+    rows = list(csv.reader(io.StringIO(text), delimiter="\t"))
+    if not rows or "step" not in rows[0]:
+        return []
+    head = rows[0]
+    si, vi = head.index("step"), len(head) - 1
+    return [(int(float(r[si])), float(r[vi])) for r in rows[1:] if len(r) == len(head)]
+
+
+def _git_show(rev: str, path: str) -> str | None:
+    out = subprocess.run(["git", "show", f"{rev}:{path}"], cwd=ROOT, capture_output=True, text=True)
+    return out.stdout if out.returncode == 0 else None
+
+
 def _load(prefix: str) -> dict[str, dict[str, Any]]:
     out = subprocess.run(
         [DVC, "exp", "show", "--json", "-A"], cwd=ROOT, check=True, capture_output=True, text=True
@@ -150,13 +270,23 @@ def _load(prefix: str) -> dict[str, dict[str, Any]]:
         data = exp["data"]
         metrics = ((data.get("metrics") or {}).get("metrics/evaluate.json") or {}).get("data")
         corrupt = ((data.get("metrics") or {}).get("metrics/corrupt.json") or {}).get("data")
+        issues = ((data.get("metrics") or {}).get("metrics/label_issues.json") or {}).get("data")
         params = ((data.get("params") or {}).get("params.yaml") or {}).get("data")
         if metrics and params and "ce" in metrics:
-            runs[name] = {"rev": exp.get("rev"), "metrics": metrics, "corrupt": corrupt, "params": params}
+            rev = exp.get("rev") or data.get("rev")
+            text = _git_show(rev, CE_CURVE) if rev else None
+            runs[name] = {
+                "rev": rev,
+                "metrics": metrics,
+                "corrupt": corrupt,
+                "label_issues": issues,
+                "params": params,
+                "ce_curve": read_curve(text) if text else [],
+            }
     return runs
 
 
-def _stat(values: list[float]) -> dict[str, Any]:
+def _stat(values: list[float | None]) -> dict[str, Any]:
     vals = [v for v in values if v is not None]
     if not vals:
         return {"mean": None, "std": None, "n": 0}
@@ -164,96 +294,134 @@ def _stat(values: list[float]) -> dict[str, Any]:
     return {"mean": statistics.fmean(vals), "std": std, "n": len(vals)}
 
 
-def summarise(runs: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per (ratio, noise setting): each method's top1/many/medium/few/corrected over seeds."""
+def _val_top1(m: dict[str, Any]) -> float | None:
+    val = m.get("val")
+    return val.get("top1") if isinstance(val, dict) else None
+
+
+def summarise(runs: dict[str, dict[str, Any]], settings: tuple = ()) -> list[dict[str, Any]]:
+    """One row per (ratio, noise setting): each method's metrics over seeds, D-SINK's margins paired by
+    seed over the best other method (chosen per cell by mean test top-1), and plain CE's memorisation:
+    its memorised share, its best epoch's test top-1 and how far its final epoch fell below it."""
     cells: dict[tuple[int, str], list[dict[str, Any]]] = {}
     for name, run in runs.items():
-        _, r, noise, s = name.split("-")
-        cells.setdefault((int(r[1:]), noise), []).append({"seed": int(s[1:]), **run})
-    order = {label: i for i, (label, _, _) in enumerate(NOISE_SETTINGS)}
+        prefix, r, noise, s = name.split("-")
+        cells.setdefault((int(r[1:]), noise), []).append({"seed": int(s[1:]), "name": name, **run})
+    order = {label: i for i, (label, _, _) in enumerate(settings)}
     rows = []
     for (ratio, noise), seeds in sorted(cells.items(), key=lambda kv: (-kv[0][0], order.get(kv[0][1], 99))):
         seeds.sort(key=lambda r: r["seed"])
+        first = seeds[0]["params"]
         row: dict[str, Any] = {
             "ratio": ratio,
             "noise": noise,
             "seeds": [r["seed"] for r in seeds],
-            "experiments": {f"{PREFIX}-r{ratio}-{noise}-s{r['seed']}": r["rev"] for r in seeds},
-            "epochs": seeds[0]["params"]["distill"]["epochs"],
-            "bf16": seeds[0]["params"]["distill"]["bf16"],
-            "realised_noise": _stat([r["corrupt"]["noise_rate"] for r in seeds if r["corrupt"]]),
+            "experiments": {r["name"]: r["rev"] for r in seeds},
+            "model": first["distill"]["model"],
+            "epochs": first["distill"]["epochs"],
+            "realised_noise": _stat([(r["corrupt"] or {}).get("noise_rate") for r in seeds]),
+            "noise_rate_estimate": _stat(
+                [(r["metrics"].get("noise_rate") or {}).get("estimate") for r in seeds]
+            ),
             "methods": {},
         }
-        for key, _ in METHODS:
-            row["methods"][key] = {
+        present = [k for k, _ in METHODS if all(k in r["metrics"] for r in seeds)]
+        for key in present:
+            per = {
                 m: _stat([r["metrics"][key].get(m) for r in seeds])
-                for m in ("top1", "many", "medium", "few", "corrected")
+                for m in ("top1", "many", "medium", "few", "corrected", "memorised")
             }
-        best_single = max(SINGLE, key=lambda k: row["methods"][k]["top1"]["mean"])
-        row["best_single"] = best_single
-        row["dsink_margin_over_best_single"] = (
-            row["methods"]["dsink"]["top1"]["mean"] - row["methods"][best_single]["top1"]["mean"]
-        )
-        # paired by seed (same corrupted set): the spread of the margin itself, not of each method
-        row["dsink_paired_margin"] = _stat(
-            [r["metrics"]["dsink"]["top1"] - r["metrics"][best_single]["top1"] for r in seeds]
-        )
-        top1 = {k: row["methods"][k]["top1"]["mean"] for k in ("dsink", "ce")}
-        row["dsink_margin_over_ce"] = top1["dsink"] - top1["ce"]
+            per["val_top1"] = _stat([_val_top1(r["metrics"][key]) for r in seeds])
+            row["methods"][key] = per
+        singles = [k for k in SINGLE if k in present]
+        if "dsink" in present and singles:
+            best = max(singles, key=lambda k: row["methods"][k]["top1"]["mean"])
+            row["best_single"] = best
+            row["dsink_paired_margin"] = _stat(
+                [r["metrics"]["dsink"]["top1"] - r["metrics"][best]["top1"] for r in seeds]
+            )
+            row["dsink_wins"] = sum(
+                r["metrics"]["dsink"]["top1"] > max(r["metrics"][k]["top1"] for k in singles) for r in seeds
+            )
+            if "ce" in present:
+                row["dsink_margin_over_ce"] = _stat(
+                    [r["metrics"]["dsink"]["top1"] - r["metrics"]["ce"]["top1"] for r in seeds]
+                )
+        curves = [r["ce_curve"] for r in seeds if r["ce_curve"]]
+        row["ce_best_epoch_top1"] = _stat([max(v for _, v in c) for c in curves])
+        row["ce_final_minus_best"] = _stat([c[-1][1] - max(v for _, v in c) for c in curves])
+        row["ce_curves"] = {r["name"]: r["ce_curve"] for r in seeds if r["ce_curve"]}
+        if all(r.get("label_issues") for r in seeds):
+            row["label_issues_f1"] = _stat([r["label_issues"].get("f1") for r in seeds])
         rows.append(row)
     return rows
 
 
-def _pct(s: dict[str, Any]) -> str:
+def _pct(s: dict[str, Any], signed: bool = False) -> str:
     if s["mean"] is None:
         return "n/a"
-    text = f"{100 * s['mean']:.2f}"
+    text = f"{100 * s['mean']:+.2f}" if signed else f"{100 * s['mean']:.2f}"
     return text + (f" ± {100 * s['std']:.2f}" if s["std"] is not None else "")
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
     lines = []
-    labels = " | ".join(label for _, label in METHODS)
-    head = f"| ratio | noise | seeds | {labels} | D-SINK - best single (paired by seed) |"
-    lines += [head, "|" + "---|" * (len(METHODS) + 4)]
+    methods = [(k, lbl) for k, lbl in METHODS if any(k in r["methods"] for r in rows)]
+    labels = " | ".join(label for _, label in methods)
+    head = f"| ratio | noise | seeds | {labels} | D-SINK - best other (paired by seed) | wins |"
+    lines += [head, "|" + "---|" * (len(methods) + 5)]
+    na = {"mean": None, "std": None}
     for row in rows:
-        cells = [_pct(row["methods"][k]["top1"]) for k, _ in METHODS]
-        paired = row["dsink_paired_margin"]
-        spread = f" ± {100 * paired['std']:.2f}" if paired["std"] is not None else ""
-        margin = f"{100 * row['dsink_margin_over_best_single']:+.2f}{spread} ({row['best_single']})"
+        cells = [_pct(row["methods"].get(k, {}).get("top1", na)) for k, _ in methods]
+        if "dsink_paired_margin" in row:
+            margin = f"{_pct(row['dsink_paired_margin'], signed=True)} ({row['best_single']})"
+            wins = f"{row['dsink_wins']}/{len(row['seeds'])}"
+        else:
+            margin, wins = "n/a", "n/a"
         lead = f"| {row['ratio']} | {row['noise']} | {len(row['seeds'])} | "
-        lines.append(lead + " | ".join(cells) + f" | {margin} |")
-    lines += ["", "Few-shot / many-shot top-1 and share of noisy training labels corrected:", ""]
-    cols = " | ".join(f"{lbl} few / many / corrected" for k, lbl in METHODS if k != "teacher_average")
-    lines += [f"| ratio | noise | {cols} |"]
-    lines += ["|" + "---|" * (len(METHODS) + 1)]
+        lines.append(lead + " | ".join(cells) + f" | {margin} | {wins} |")
+    lines += [
+        "",
+        "Few-shot top-1 per method; validation top-1 of D-SINK; plain CE's memorisation (share of noisy "
+        "training labels it predicts, its best epoch's test top-1, final minus best):",
+        "",
+    ]
+    cols = " | ".join(f"{lbl} few" for k, lbl in methods)
+    lines += [f"| ratio | noise | {cols} | D-SINK val | CE memorised | CE best epoch | CE final - best |"]
+    lines += ["|" + "---|" * (len(methods) + 6)]
     for row in rows:
-        cells = []
-        for k, _ in METHODS:
-            if k == "teacher_average":
-                continue
-            m = row["methods"][k]
-            cells.append(f"{_pct(m['few'])} / {_pct(m['many'])} / {_pct(m['corrected'])}")
-        lines.append(f"| {row['ratio']} | {row['noise']} | " + " | ".join(cells) + " |")
-    if rows:
-        margins = [r["dsink_margin_over_best_single"] for r in rows]
+        cells = [_pct(row["methods"].get(k, {}).get("few", na)) for k, _ in methods]
+        dval = row["methods"].get("dsink", {}).get("val_top1", na)
+        ce = row["methods"].get("ce", {})
+        extra = [
+            _pct(dval),
+            _pct(ce.get("memorised", na)),
+            _pct(row["ce_best_epoch_top1"]),
+            _pct(row["ce_final_minus_best"], signed=True),
+        ]
+        lines.append(f"| {row['ratio']} | {row['noise']} | " + " | ".join(cells + extra) + " |")
+    margins = [r["dsink_paired_margin"]["mean"] for r in rows if "dsink_paired_margin" in r]
+    if margins:
         wins = sum(m > 0 for m in margins)
         lines += [
             "",
-            f"D-SINK above the best single method in {wins} of {len(rows)} settings; mean margin "
-            f"{100 * statistics.fmean(margins):+.2f} points.",
+            f"D-SINK above the best other method (mean over seeds) in {wins} of {len(margins)} settings; "
+            f"mean paired margin {100 * statistics.fmean(margins):+.2f} points.",
         ]
     return "\n".join(lines)
 
 
 def cmd_collect(args: argparse.Namespace) -> None:
-    runs = _load(PREFIX)
-    rows = summarise(runs)
+    regime = REGIMES[args.regime]
+    prefix = regime_prefix(regime, args.tag)
+    runs = _load(prefix)
+    rows = summarise(runs, regime.settings)
     text = markdown(rows)
     print(text)
-    out = Path(args.out)
+    out = Path(args.out or ROOT / f"bench/results/accuracy_{prefix}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"command": "python bench/accuracy.py collect", "experiments": len(runs), "rows": rows}
+    argv = " ".join(args.argv)
+    payload = {"command": f"python bench/accuracy.py {argv}", "experiments": len(runs), "rows": rows}
     tmp = out.with_suffix(".tmp")
     tmp.write_text(json.dumps(payload, indent=1, sort_keys=True) + "\n")
     tmp.replace(out)
@@ -261,13 +429,20 @@ def cmd_collect(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     q = sub.add_parser("queue", help="queue the grid as DVC experiments")
-    q.add_argument("--epochs", type=int, default=6, help="epochs of every training (all five models)")
+    q.add_argument("--regime", choices=sorted(REGIMES), default="memorising", help="backbone and schedule")
+    q.add_argument(
+        "--epochs", type=int, default=None, help="epochs of every training (default: the regime's)"
+    )
     q.add_argument("--ratios", type=int, nargs="+", default=[100, 10], help="imbalance ratios")
     q.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds at ratio 100")
     q.add_argument("--seeds-other", type=int, nargs="+", default=[0], help="seeds at other ratios")
+    q.add_argument("--noise", nargs="+", default=None, help="only these settings (labels, e.g. sym0.4)")
+    q.add_argument("--tag", default=None, help="a variant: names <prefix>_<tag>-r...; with --set")
+    q.add_argument("--set", action="append", default=[], help="extra override KEY=VALUE (repeatable)")
     q.add_argument("--root", default=str(ROOT / "data/raw"), help="Fashion-MNIST root (made absolute)")
     q.add_argument("--fp32", action="store_true", help="plain float32 (default: bf16, channels_last auto)")
     q.set_defaults(fn=cmd_queue)
@@ -276,9 +451,12 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--wait", action="store_true", help="return when the queue is empty")
     s.set_defaults(fn=cmd_start)
     c = sub.add_parser("collect", help="table of finished experiments")
-    c.add_argument("--out", default=str(ROOT / "bench/results/accuracy.json"))
+    c.add_argument("--regime", choices=sorted(REGIMES), default="memorising")
+    c.add_argument("--tag", default=None, help="the variant to collect (see queue --tag)")
+    c.add_argument("--out", default=None, help="JSON (default bench/results/accuracy_<prefix>.json)")
     c.set_defaults(fn=cmd_collect)
     args = p.parse_args(argv)
+    args.argv = argv
     args.fn(args)
 
 

@@ -31,12 +31,13 @@ is kept while the others train, so rerunning the table costs seconds and an inte
     python bench/label_issues.py --grid                  # DVC experiments acc-r<ratio>-<noise>-s<seed>
     python bench/label_issues.py --grid --queue-missing --epochs 6   # queue the cells not run yet
 
-`--grid` looks up the experiments of the accuracy grid (bench/accuracy.py's names; default ratios 100
-and 10 x sym0.4, asym0.4, imb0.4, seed 0), copies each finished one's params.yaml and outputs out of git
-and the DVC cache into .dsink/bench/exps/<name>-<rev>/ (the workspace is never touched; an experiment
-that predates the `label_issues` stage gets data/label_issues.parquet from the current stage code) and
-runs the comparison there. `--queue-missing` queues the missing cells with bench/accuracy.py's overrides;
-run them with `python bench/accuracy.py start --jobs 2 --wait`, then `--grid` again.
+`--grid` looks up the experiments of an accuracy grid (bench/accuracy.py's names; `--regime short`,
+the default, or `memorising`; default ratios 100 and 10 x sym0.4, asym0.4, imb0.4, seed 0), copies
+each finished one's params.yaml and outputs out of git and the DVC cache into
+.dsink/bench/exps/<name>-<rev>/ (the workspace is never touched; an experiment that predates the
+`label_issues` stage gets data/label_issues.parquet from the current stage code) and runs the
+comparison there. `--queue-missing` queues the missing cells with bench/accuracy.py's overrides; run
+them with `python bench/accuracy.py start --jobs 2 --wait`, then `--grid` again.
 
 cleanlab is a bench-only dependency: `pip install -e '.[bench]'`.
 """
@@ -79,14 +80,6 @@ IMBALANCE = Path("data/logits/imbalance.parquet")
 NOISE = Path("data/logits/noise.parquet")
 STUDENT = Path("data/student/logits.parquet")
 ISSUES = Path("data/label_issues.parquet")
-# the accuracy-grid cells of issue #13 (label, data.noise.type, data.noise.rate)
-GRID_SETTINGS = {
-    "sym0.2": ("sym0.2", "symmetric", 0.2),
-    "sym0.4": ("sym0.4", "symmetric", 0.4),
-    "asym0.2": ("asym0.2", "asymmetric", 0.2),
-    "asym0.4": ("asym0.4", "asymmetric", 0.4),
-    "imb0.4": ("imb0.4", "imbalanced", 0.4),
-}
 
 
 def say(msg: str) -> None:
@@ -385,6 +378,8 @@ def compare(
     dsink_flags = read_dsink_issues(workspace / ISSUES, index)
     t_l = read_logits(workspace / IMBALANCE, index)
     p_imb = softmax(balanced_predictions(t_l, index, str(workspace / IMBALANCE)).train)
+    imb_folds = int(t_l.meta.get("folds", 1) or 1)
+    imb_kind = f"out-of-fold, {imb_folds} folds" if imb_folds > 1 else "in-sample"
     oof = oof_ce_logits(corpus, params, workspace / CORRUPTED, folds, seed, cache_dir, fit_predict)
     p_ce = softmax(oof["logits"])
 
@@ -400,7 +395,7 @@ def compare(
     sources = {
         "dsink": f"{ISSUES}: is_issue, issue_score",
         "cleanlab_ce_cv": f"{folds}-fold out-of-sample plain CE (baselines.ce), cleanlab defaults",
-        "cleanlab_imb": f"{IMBALANCE} balanced-space softmax (in-sample), cleanlab defaults",
+        "cleanlab_imb": f"{IMBALANCE} balanced-space softmax ({imb_kind}), cleanlab defaults",
         "ce_cv_disagrees": f"{folds}-fold out-of-sample plain CE (baselines.ce): argmax != label",
     }
     detectors = {}
@@ -510,15 +505,19 @@ def write_json(path: Path, payload: dict[str, Any]) -> None:
 # --------------------------------------------------------------------------------- DVC experiments
 
 
-def grid_names(ratios: list[int], noises: list[str], seeds: list[int]) -> list[tuple[str, int, tuple, int]]:
+def grid_names(
+    ratios: list[int], noises: list[str], seeds: list[int], regime: str = "short"
+) -> list[tuple[str, int, tuple, int]]:
     """``(experiment name, ratio, setting, seed)`` of every cell, named as bench/accuracy.py names them."""
     import accuracy
 
+    prefix = accuracy.REGIMES[regime].prefix
     cells = []
     for ratio in ratios:
         for noise in noises:
             for seed in seeds:
-                cells.append((accuracy.exp_name(ratio, noise, seed), ratio, GRID_SETTINGS[noise], seed))
+                name = accuracy.exp_name(ratio, noise, seed, prefix)
+                cells.append((name, ratio, accuracy.ALL_SETTINGS[noise], seed))
     return cells
 
 
@@ -592,11 +591,14 @@ def materialise(repo: Path, rev: str, dest: Path) -> tuple[Path, bool]:
     return dest, recomputed
 
 
-def queue_missing(repo: Path, cells: list[tuple[str, int, tuple, int]], epochs: int, fp32: bool) -> None:
+def queue_missing(
+    repo: Path, cells: list[tuple[str, int, tuple, int]], regime: str, epochs: int | None, fp32: bool
+) -> None:
     import accuracy
 
+    root = str((repo / "data/raw").resolve())
     for name, ratio, setting, seed in cells:
-        sets = accuracy.overrides(ratio, setting, seed, epochs, not fp32, str((repo / "data/raw").resolve()))
+        sets = accuracy.overrides(ratio, setting, seed, accuracy.REGIMES[regime], root, epochs, not fp32)
         cmd = [accuracy.DVC, "exp", "run", "--queue", "-n", name] + [a for s in sets for a in ("-S", s)]
         subprocess.run(cmd, cwd=repo, check=True, env=accuracy.worker_env(1), stdout=subprocess.DEVNULL)
         say(f"queued {name}")
@@ -619,13 +621,13 @@ def grid_markdown(results: list[dict[str, Any]]) -> str:
 
 def cmd_grid(args: argparse.Namespace) -> None:
     repo = Path(args.repo).resolve()
-    cells = grid_names(args.ratios, args.noise, args.seeds)
+    cells = grid_names(args.ratios, args.noise, args.seeds, args.regime)
     found = find_experiments(repo)
     missing = [c for c in cells if c[0] not in found]
     if missing:
         say("not run yet: " + ", ".join(c[0] for c in missing))
         if args.queue_missing:
-            queue_missing(repo, missing, args.epochs, args.fp32)
+            queue_missing(repo, missing, args.regime, args.epochs, args.fp32)
             say("run them: python bench/accuracy.py start --jobs 2 --wait; then this command again")
     results = []
     for name, ratio, setting, _seed in cells:
@@ -666,6 +668,8 @@ def cmd_workspace(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    import accuracy
+
     argv = list(sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workspace", default=str(ROOT), help="finished pipeline workspace (default: the repo)")
@@ -676,16 +680,27 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", default=None, help="JSON (default bench/results/label_issues[_grid].json)")
     g = p.add_argument_group("grid over DVC experiments of bench/accuracy.py")
     g.add_argument(
-        "--grid", action="store_true", help="run over the experiments acc-r<ratio>-<noise>-s<seed>"
+        "--grid", action="store_true", help="run over the experiments <prefix>-r<ratio>-<noise>-s<seed>"
     )
     g.add_argument("--repo", default=str(ROOT), help="repository holding the experiments (default: this one)")
     g.add_argument("--ratios", type=int, nargs="+", default=[100, 10], help="imbalance ratios")
     g.add_argument(
-        "--noise", nargs="+", default=["sym0.4", "asym0.4", "imb0.4"], choices=sorted(GRID_SETTINGS)
+        "--noise", nargs="+", default=["sym0.4", "asym0.4", "imb0.4"], choices=sorted(accuracy.ALL_SETTINGS)
+    )
+    g.add_argument(
+        "--regime",
+        default="short",
+        choices=sorted(accuracy.REGIMES),
+        help="which grid's experiments (bench/accuracy.py): short (acc-...) or memorising (mem-...)",
     )
     g.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds (data and models)")
     g.add_argument("--queue-missing", action="store_true", help="queue the cells with no experiment yet")
-    g.add_argument("--epochs", type=int, default=6, help="--queue-missing: epochs of every training")
+    g.add_argument(
+        "--epochs",
+        type=int,
+        default=None,
+        help="--queue-missing: epochs of every model (default: the regime's)",
+    )
     g.add_argument(
         "--fp32", action="store_true", help="--queue-missing: float32 (default bf16 + channels_last)"
     )

@@ -489,7 +489,17 @@ def fit_student(
                     objective.rebuild_dataset(student_train_logits(at_solve, corpus, rt))
                     del at_solve
 
-        tracker = epoch_tracker(corpus, rt.device, 512) if dp.track_every else None
+        tracker = (
+            epoch_tracker(
+                corpus,
+                rt.device,
+                512,
+                objective.student_offset.cpu().numpy(),
+                np.asarray(objective.train_log_prior),
+            )
+            if dp.track_every
+            else None
+        )
         result = train(
             model,
             objective,

@@ -1,0 +1,114 @@
+"""bench/accuracy.py: what a regime overrides, the cell order, the dvclive curve reader, and the summary
+(margins paired by seed against the best other method, plain CE's best epoch against its final one),
+checked against sums done by hand on made-up experiment records."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load_bench():
+    spec = importlib.util.spec_from_file_location("bench_accuracy", ROOT / "bench" / "accuracy.py")
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up while the class is made
+    spec.loader.exec_module(mod)
+    return mod
+
+
+bench = _load_bench()
+
+
+def _sets(sets: list[str]) -> dict[str, str]:
+    return dict(s.split("=", 1) for s in sets)
+
+
+def test_memorising_regime_sets_the_backbone_and_schedule_of_every_model_and_nothing_of_the_method():
+    reg = bench.REGIMES["memorising"]
+    sets = _sets(
+        bench.overrides(100, ("sym0.6", "symmetric", 0.6), 2, reg, "/data", extra=["distill.alpha=2"])
+    )
+    assert sets["seed"] == "2" and sets["data.noise.rate"] == "0.6" and sets["data.root"] == "/data"
+    for sec in bench.TRAININGS:
+        assert sets[f"{sec}.model"] == "mlp"
+        assert sets[f"{sec}.epochs"] == "60"
+        assert sets[f"{sec}.augment"] == "false"
+    assert sets["baselines.ce.track_every"] == "1"  # CE's curve: best epoch vs final
+    assert sets["distill.alpha"] == "2"
+    # the method's own settings come from params.yaml (chosen on validation), not from the regime
+    assert not any(k.endswith((".folds", ".selection", ".base_loss", ".ramp_epochs")) for k in sets)
+
+
+def test_short_regime_ramps_small_loss_over_half_the_run():
+    reg = bench.REGIMES["short"]
+    sets = _sets(bench.overrides(10, ("sym0.2", "symmetric", 0.2), 0, reg, "/d", epochs=8, fast=False))
+    assert sets["teachers.noise.ramp_epochs"] == "4" and sets["baselines.la_small_loss.ramp_epochs"] == "4"
+    assert sets["distill.model"] == "small_cnn" and sets["distill.epochs"] == "8"
+    assert "distill.bf16" not in sets
+
+
+def test_cells_run_every_setting_at_a_seed_before_the_next_seed():
+    reg = bench.REGIMES["memorising"]
+    cells = bench.grid([100, 10], [0, 1], [0], reg)
+    names = [bench.exp_name(r, s[0], seed, "mem") for r, s, seed in cells]
+    assert names[:4] == [
+        "mem-r100-sym0.4-s0",
+        "mem-r100-sym0.6-s0",
+        "mem-r100-asym0.4-s0",
+        "mem-r100-imb0.4-s0",
+    ]
+    assert names[4] == "mem-r100-sym0.4-s1" and names[-1] == "mem-r10-imb0.4-s0"
+    assert len(names) == 4 * 2 + 4
+
+
+def test_read_curve_takes_step_and_the_metric_column():
+    text = "timestamp\tstep\ttest_top1\n1\t0\t0.5\n2\t1\t0.7\n3\t2\t0.6\n"
+    assert bench.read_curve(text) == [(0, 0.5), (1, 0.7), (2, 0.6)]
+    assert bench.read_curve("step\ttest_top1\n4\t0.25\n") == [(4, 0.25)]
+    assert bench.read_curve("") == []
+
+
+def _run(seed: int, top1: dict[str, float], curve: list[float]) -> dict:
+    metrics = {k: {"top1": v, "few": v / 2, "val": {"top1": v - 0.01}} for k, v in top1.items()}
+    metrics["ce"]["memorised"] = 0.4 + seed / 100
+    return {
+        "rev": f"rev{seed}",
+        "metrics": metrics,
+        "corrupt": {"noise_rate": 0.4},
+        "label_issues": None,
+        "params": {"distill": {"model": "mlp", "epochs": 60}},
+        "ce_curve": list(enumerate(curve)),
+    }
+
+
+def test_summary_pairs_margins_by_seed_against_the_best_other_method():
+    runs = {
+        "mem-r100-sym0.4-s0": _run(
+            0,
+            {"ce": 0.60, "imbalance_teacher": 0.70, "noise_teacher": 0.74, "dsink": 0.80},
+            [0.5, 0.72, 0.60],
+        ),
+        "mem-r100-sym0.4-s1": _run(
+            1,
+            {"ce": 0.62, "imbalance_teacher": 0.71, "noise_teacher": 0.72, "dsink": 0.71},
+            [0.5, 0.70, 0.62],
+        ),
+    }
+    (row,) = bench.summarise(runs, bench.REGIMES["memorising"].settings)
+    assert row["best_single"] == "noise_teacher"  # mean 0.73 against the imbalance teacher's 0.705
+    assert row["dsink_paired_margin"]["mean"] == pytest.approx(((0.80 - 0.74) + (0.71 - 0.72)) / 2)
+    assert row["dsink_paired_margin"]["std"] == pytest.approx(abs(0.06 - (-0.01)) / 2**0.5)
+    assert row["dsink_wins"] == 1  # seed 1: the noise teacher beats D-SINK
+    assert row["dsink_margin_over_ce"]["mean"] == pytest.approx(((0.80 - 0.60) + (0.71 - 0.62)) / 2)
+    assert row["ce_best_epoch_top1"]["mean"] == pytest.approx((0.72 + 0.70) / 2)
+    assert row["ce_final_minus_best"]["mean"] == pytest.approx(((0.60 - 0.72) + (0.62 - 0.70)) / 2)
+    assert row["methods"]["ce"]["memorised"]["mean"] == pytest.approx(0.405)
+    assert row["methods"]["dsink"]["val_top1"]["mean"] == pytest.approx((0.79 + 0.70) / 2)
+    text = bench.markdown([row])
+    assert "+2.50 ± 4.95 (noise_teacher)" in text and "| 1/2 |" in text
