@@ -26,7 +26,8 @@ up to a per-row constant that the softmax ignores.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from typing import SupportsFloat
 
 import torch
 import torch.nn.functional as F
@@ -178,6 +179,10 @@ def soft_cross_entropy(
 
 # ---------------------------------------------------------------------------------- small-loss selection
 
+# small-loss selection forgets at most this share when the rate is estimated (it must keep some samples)
+MAX_FORGET_RATE = 0.95
+SELECTIONS = ("global", "per_class")  # = dsink.params.SELECTIONS
+
 
 def small_loss_keep_fraction(epoch: float, forget_rate: float, ramp_epochs: float) -> float:
     """Co-teaching schedule (Han et al., NeurIPS 2018): ``1 - forget_rate * min(1, epoch / ramp_epochs)``.
@@ -210,6 +215,183 @@ def small_loss_keep_mask(per_sample_loss: torch.Tensor, keep_fraction: float) ->
     mask = torch.zeros(n, dtype=torch.bool, device=per_sample_loss.device)
     mask[order[:k]] = True
     return mask
+
+
+def small_loss_keep_mask_per_class(
+    per_sample_loss: torch.Tensor, labels: torch.Tensor, keep_fractions: Sequence[float] | torch.Tensor
+) -> torch.Tensor:
+    """Boolean (N,) mask: each given-label class ``c`` keeps the ``ceil(keep_fractions[c] * n_c)`` smallest
+    losses among its ``n_c`` samples in the batch.
+
+    Rounding is up, as in :func:`small_loss_keep_mask` (with one class the two masks are equal), so a
+    class present in the batch is never dropped wholesale: one sample is always kept, two are both kept
+    while the keep share exceeds 1/2 and the smaller loss after. A class never keeps less than its share;
+    the excess is under one sample per class and batch. Deterministic: equal losses are ranked by index
+    (lower index kept first), NaN losses rank last.
+    """
+    if per_sample_loss.ndim != 1:
+        raise ValueError(f"per_sample_loss shape = {tuple(per_sample_loss.shape)}; expected (N,)")
+    if labels.shape != per_sample_loss.shape or labels.dtype.is_floating_point or labels.dtype == torch.bool:
+        raise ValueError(
+            f"labels shape = {tuple(labels.shape)}, dtype = {labels.dtype}; expected integer "
+            f"({per_sample_loss.numel()},)"
+        )
+    device = per_sample_loss.device
+    keep = torch.as_tensor(keep_fractions, dtype=torch.float64).reshape(-1)
+    if keep.numel() < 1 or not bool(((keep > 0) & (keep <= 1)).all()):
+        raise ValueError(f"keep_fractions = {keep.tolist()}; expected one share in (0, 1] per class")
+    n, C = per_sample_loss.numel(), keep.numel()
+    y = labels.long().to(device)
+    if n:
+        lo, hi = (int(v) for v in torch.stack(torch.aminmax(y)).tolist())
+        if lo < 0 or hi >= C:
+            raise ValueError(f"labels span {lo}..{hi}; expected within [0, {C})")
+    by_loss = torch.sort(per_sample_loss.detach(), stable=True).indices
+    order = by_loss[torch.sort(y[by_loss], stable=True).indices]  # by class, then loss, then index
+    counts = torch.bincount(y, minlength=C)
+    starts = torch.cumsum(counts, 0) - counts
+    # the epsilon keeps e.g. 0.6 * 5 = 3.0000000000000004 at 3 (float64, as math.ceil in the global mask)
+    k = torch.ceil(keep.to(device) * counts.double() - 1e-9).long().clamp(min=1).minimum(counts)
+    ys = y[order]
+    rank = torch.arange(n, device=device) - starts[ys]
+    mask = torch.zeros(n, dtype=torch.bool, device=device)
+    mask[order[rank < k[ys]]] = True
+    return mask
+
+
+class SmallLossSelection:
+    """Small-loss selection, the one implementation the noise teacher (``teachers.noise.method:
+    small_loss``) and the ``la_small_loss`` baseline share: of every batch keep the samples whose
+    per-sample loss ``l_i`` (the objective's own: CE, or logit-adjusted CE) is smallest, and train on
+    their mean, ``sum_{i kept} l_i / #kept``. Wrong labels are fitted late, so early on they carry the
+    large losses.
+
+    The kept share follows co-teaching's ramp (Han et al., NeurIPS 2018) to a forget rate ``f``: at epoch
+    progress ``t``, ``k(t) = 1 - f * min(1, t / ramp_epochs)``.
+
+    - ``selection: "global"``: one ``k(t)`` over the batch, ``ceil(k(t) * N)`` smallest losses kept.
+    - ``selection: "per_class"``: each given-label class ``c`` ramps to its own ``f_c``,
+      ``k_c(t) = 1 - f_c * min(1, t / ramp_epochs)``, and keeps the ``ceil(k_c(t) * n_c)`` smallest of
+      its ``n_c`` samples in the batch (:func:`small_loss_keep_mask_per_class`: at least one).
+
+    Why per class: losses are not comparable across classes on long-tailed data. A tail class is fitted
+    last (few samples; with plain CE also a prior against it), so its clean samples can have larger losses
+    than the head's noisy ones for much of training, and one global keep-rate forgets the tail first,
+    often all of it in a batch. Ranking within each class only compares a sample with others of its
+    given label; and each class forgets its own share, since noise is not spread evenly (symmetric
+    flips out of the head make up a large share of a tail class's given labels).
+
+    ``f``: ``forget_rate`` for every class when it is set. With ``forget_rate=None`` every sample is kept
+    (the plain mean) until :meth:`set_estimate` hands over the rate estimated from the noisy data
+    (``dsink.noise_rate``): the overall estimate for ``global``, each class's own for ``per_class``,
+    capped at :data:`MAX_FORGET_RATE`. The estimate is kept across a resume (:meth:`state_dict`).
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        forget_rate: float | None = None,
+        ramp_epochs: float = 10,
+        selection: str = "per_class",
+    ) -> None:
+        if num_classes < 1:
+            raise ValueError(f"num_classes = {num_classes!r}; expected >= 1")
+        if forget_rate is not None and not 0 <= forget_rate < 1:
+            raise ValueError(f"forget_rate = {forget_rate!r}; expected 0 <= forget_rate < 1 or None")
+        if not ramp_epochs >= 0:
+            raise ValueError(f"ramp_epochs = {ramp_epochs!r}; expected >= 0")
+        if selection not in SELECTIONS:
+            raise ValueError(f"selection = {selection!r}; expected one of {', '.join(SELECTIONS)}")
+        self.num_classes, self.selection = int(num_classes), selection
+        self.set_rate, self.ramp_epochs = forget_rate, ramp_epochs
+        self.noise_rate_estimate: float | None = None  # overall share (logged, checkpointed)
+        self.noise_rate_estimate_per_class: tuple[float, ...] | None = None  # (C,)
+
+    @property
+    def estimates(self) -> bool:
+        """Does the forget rate come from an estimate (``forget_rate=None``)?"""
+        return self.set_rate is None
+
+    @property
+    def forget_rate(self) -> float | None:
+        """The overall rate: the set one, or the capped overall estimate; None while there is none."""
+        if self.set_rate is not None:
+            return self.set_rate
+        if self.noise_rate_estimate is None:
+            return None
+        return min(self.noise_rate_estimate, MAX_FORGET_RATE)
+
+    @property
+    def forget_rates(self) -> tuple[float, ...] | None:
+        """The rate each class ramps to (C,): all :attr:`forget_rate` for ``global`` or a set rate."""
+        if self.set_rate is not None or self.selection == "global":
+            f = self.forget_rate
+            return None if f is None else (f,) * self.num_classes
+        if self.noise_rate_estimate_per_class is None:
+            return None
+        return tuple(min(r, MAX_FORGET_RATE) for r in self.noise_rate_estimate_per_class)
+
+    def set_estimate(self, value: float | SupportsFloat) -> None:
+        """Hand over the noise-rate estimate: a ``dsink.noise_rate.NoiseRateEstimate`` (``overall`` and
+        ``per_class``) or a bare share (then every class gets it)."""
+        per_class = getattr(value, "per_class", None)
+        overall = float(getattr(value, "overall", value))
+        self._set(overall, (overall,) * self.num_classes if per_class is None else per_class)
+
+    def _set(self, overall: float, per_class: Sequence[float]) -> None:
+        rates = tuple(float(r) for r in per_class)
+        if len(rates) != self.num_classes:
+            raise ValueError(f"noise rate estimate has {len(rates)} classes; expected {self.num_classes}")
+        if not all(0.0 <= r <= 1.0 for r in (overall, *rates)):
+            raise ValueError(
+                f"noise rate estimate = {overall!r}, per class {list(rates)}; expected a share in [0, 1]"
+            )
+        self.noise_rate_estimate, self.noise_rate_estimate_per_class = overall, rates
+
+    def keep_mask(self, per_sample_loss: torch.Tensor, labels: torch.Tensor, progress: float) -> torch.Tensor:
+        """The samples kept at epoch progress ``progress`` (0-based, fractional)."""
+        rates = self.forget_rates
+        if rates is None:
+            return torch.ones(per_sample_loss.shape, dtype=torch.bool, device=per_sample_loss.device)
+        if self.selection == "global":
+            keep = small_loss_keep_fraction(progress, rates[0], self.ramp_epochs)
+            return small_loss_keep_mask(per_sample_loss, keep)
+        keeps = [small_loss_keep_fraction(progress, f, self.ramp_epochs) for f in rates]
+        return small_loss_keep_mask_per_class(per_sample_loss, labels, keeps)
+
+    def __call__(self, per_sample_loss: torch.Tensor, labels: torch.Tensor, progress: float) -> torch.Tensor:
+        """The mean loss over the kept samples (over all of them before there is a rate)."""
+        if self.forget_rates is None:  # no rate yet: every sample
+            return per_sample_loss.mean()
+        return per_sample_loss[self.keep_mask(per_sample_loss, labels, progress)].mean()
+
+    def epoch_metrics(self) -> dict[str, float]:
+        """``noise_rate_estimate`` once it exists (the engine logs it after every epoch)."""
+        return {} if self.noise_rate_estimate is None else {"noise_rate_estimate": self.noise_rate_estimate}
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The estimate as float64 tensors (NaN: none yet), loadable with ``weights_only=True``."""
+        nan = float("nan")
+        est, per = self.noise_rate_estimate, self.noise_rate_estimate_per_class
+        return {
+            "noise_rate_estimate": torch.tensor(nan if est is None else est, dtype=torch.float64),
+            "noise_rate_estimate_per_class": torch.tensor(
+                (nan,) * self.num_classes if per is None else per, dtype=torch.float64
+            ),
+        }
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Restore the estimate; a state without it (none yet, or another objective's) leaves none, one
+        without the per-class rates (an older checkpoint) gives every class the overall one."""
+        est = state.get("noise_rate_estimate")
+        if est is None or math.isnan(float(est)):
+            self.noise_rate_estimate = self.noise_rate_estimate_per_class = None
+            return
+        per = state.get("noise_rate_estimate_per_class")
+        if per is None or bool(torch.isnan(per).any()):
+            self._set(float(est), (float(est),) * self.num_classes)
+        else:
+            self._set(float(est), per.reshape(-1).tolist())
 
 
 # ------------------------------------------------------------------------------------------------- ELR

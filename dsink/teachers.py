@@ -9,7 +9,6 @@ training-prior logit, so ``distill`` can put every probability in one space exac
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -21,8 +20,7 @@ from dsink.artifacts import CorruptedIndex
 from dsink.params import ImbalanceTeacherParams, NoiseTeacherParams
 from dsink.priors import label_log_prior
 
-# small-loss selection forgets at most this share when the rate is estimated (it must keep some samples)
-MAX_FORGET_RATE = 0.95
+MAX_FORGET_RATE = losses.MAX_FORGET_RATE  # the most small-loss selection forgets of an estimated rate
 
 
 @dataclass
@@ -51,14 +49,16 @@ class _ImbalanceObjective:
 class _NoiseObjective:
     """The noise teacher's loss, plus what it carries across epochs (ELR's targets, the noise-rate estimate).
 
-    Small-loss selection forgets ``p.forget_rate`` when it is set. With ``forget_rate: null`` it keeps every
-    sample (plain CE) until :meth:`set_estimate` hands it the noise rate estimated from the noisy data
-    (``dsink.noise_rate``) after ``p.estimate_epochs``; from then on the estimate ramps like a set rate.
+    ``small_loss``: :class:`dsink.losses.SmallLossSelection` on the per-sample CE (``p.selection``:
+    one keep-rate per batch, or each given-label class its own). It forgets ``p.forget_rate`` when that is
+    set. With ``forget_rate: null`` it keeps every sample (plain CE) until :meth:`set_estimate` hands it
+    the noise rate estimated from the noisy data (``dsink.noise_rate``, overall and per class) after
+    ``p.estimate_epochs``; from then on the estimate ramps like a set rate.
     """
 
     def __init__(self, p: NoiseTeacherParams, num_samples: int, num_classes: int) -> None:
         self.p = p
-        self.noise_rate_estimate: float | None = None
+        self.small_loss = losses.SmallLossSelection(num_classes, p.forget_rate, p.ramp_epochs, p.selection)
         self.elr = (
             losses.ELRLoss(num_samples, num_classes, beta=p.elr_beta, lam=p.elr_lambda)
             if p.method == "elr"
@@ -68,21 +68,26 @@ class _NoiseObjective:
     @property
     def estimates(self) -> bool:
         """Does this objective need the noise rate estimated from the data?"""
-        return self.p.method == "small_loss" and self.p.forget_rate is None
+        return self.p.method == "small_loss" and self.small_loss.estimates
+
+    @property
+    def noise_rate_estimate(self) -> float | None:
+        """The overall estimate (logged, checkpointed, written to estimate.json); None before it exists."""
+        return self.small_loss.noise_rate_estimate
+
+    @property
+    def noise_rate_estimate_per_class(self) -> tuple[float, ...] | None:
+        """The estimate per given-label class (C,); None before it exists."""
+        return self.small_loss.noise_rate_estimate_per_class
 
     @property
     def forget_rate(self) -> float | None:
-        """The rate small-loss selection ramps to; None while the estimate does not exist yet."""
-        if self.p.forget_rate is not None:
-            return self.p.forget_rate
-        if self.noise_rate_estimate is None:
-            return None
-        return min(self.noise_rate_estimate, MAX_FORGET_RATE)
+        """The overall rate small-loss selection ramps to; None while the estimate does not exist yet."""
+        return self.small_loss.forget_rate
 
-    def set_estimate(self, value: float) -> None:
-        if not 0.0 <= value <= 1.0:
-            raise ValueError(f"noise rate estimate = {value!r}; expected a share in [0, 1]")
-        self.noise_rate_estimate = float(value)
+    def set_estimate(self, value: Any) -> None:
+        """A ``dsink.noise_rate.NoiseRateEstimate`` (overall and per class) or a bare share in [0, 1]."""
+        self.small_loss.set_estimate(value)
 
     def __call__(
         self, logits: torch.Tensor, labels: torch.Tensor, rows: torch.Tensor, progress: float
@@ -91,15 +96,7 @@ class _NoiseObjective:
         if m == "gce":
             return losses.gce(logits, labels, q=self.p.q)
         if m == "small_loss":
-            per_sample = losses.cross_entropy(logits, labels, reduction="none")
-            forget = self.forget_rate
-            keep = (
-                1.0
-                if forget is None
-                else losses.small_loss_keep_fraction(progress, forget, self.p.ramp_epochs)
-            )
-            mask = losses.small_loss_keep_mask(per_sample.detach(), keep)
-            return per_sample[mask].mean()
+            return self.small_loss(losses.cross_entropy(logits, labels, reduction="none"), labels, progress)
         if m == "elr":
             assert self.elr is not None
             return self.elr(logits, labels, rows)
@@ -107,22 +104,18 @@ class _NoiseObjective:
 
     def epoch_metrics(self) -> dict[str, float]:
         """Logged by the engine after every epoch (dvclive): the estimate once it exists."""
-        if self.noise_rate_estimate is None:
-            return {}
-        return {"noise_rate_estimate": self.noise_rate_estimate}
+        return self.small_loss.epoch_metrics()
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Checkpointed by the engine, so a resumed run keeps the estimate (and ELR's targets)."""
         state = dict(self.elr.state_dict()) if self.elr is not None else {}
-        est = self.noise_rate_estimate
-        state["noise_rate_estimate"] = torch.tensor(float("nan") if est is None else est, dtype=torch.float64)
+        state.update(self.small_loss.state_dict())
         return state
 
     def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
         if self.elr is not None:
             self.elr.load_state_dict(state)
-        est = state.get("noise_rate_estimate")
-        self.noise_rate_estimate = None if est is None or math.isnan(float(est)) else float(est)
+        self.small_loss.load_state_dict(state)
 
 
 def imbalance_recipe(p: ImbalanceTeacherParams, index: CorruptedIndex) -> TeacherRecipe:

@@ -11,7 +11,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dsink.noise_rate import MIN_GROUP, estimate_noise_rate, high_component_share, log_losses
+from dsink.noise_rate import (
+    MIN_GROUP,
+    class_noise_rates,
+    estimate_noise_rate,
+    estimate_noise_rates,
+    high_component_share,
+    log_losses,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -92,6 +99,45 @@ def test_small_classes_are_fitted_together():
     z = logits_with_log_losses(x, y, 8)
     assert estimate_noise_rate(z, y, "per_class") == pytest.approx(21 / 80, abs=1e-12)
     assert estimate_noise_rate(z, y, "per_class", min_group=1) == pytest.approx(26 / 80, abs=1e-12)
+
+
+def test_per_class_rates_are_each_class_s_own_mixture():
+    """Per-class rates against direct fits: a big class's rate is the mixture fitted on its samples
+    alone, the small classes share the pooled fit, an absent class is 0; the overall estimate is their
+    count-weighted mean. ``global``: the one mixture's share for every class present."""
+    g = np.random.default_rng(4)
+    C = 6
+    sizes = {0: 400, 1: 150, 2: 60, 3: MIN_GROUP - 1, 4: 5}  # class 5: no sample
+    shares = {0: 0.1, 1: 0.3, 2: 0.5, 3: 0.4, 4: 0.4}
+    xs, ys = [], []
+    for c, n in sizes.items():
+        k = int(shares[c] * n)
+        xs.append(np.r_[g.normal(-4.0 + c, 0.6, n - k), g.normal(1.0 + c, 0.6, k)])
+        ys.append(np.full(n, c))
+    perm = g.permutation(sum(sizes.values()))
+    x, y = np.concatenate(xs)[perm], np.concatenate(ys)[perm]
+    z = logits_with_log_losses(x, y, C)
+    lx = log_losses(z, y)
+
+    rates = class_noise_rates(z, y, "per_class")
+    assert rates.shape == (C,) and rates.dtype == np.float64
+    for c in (0, 1, 2):
+        assert rates[c] == high_component_share(lx[y == c])
+        assert rates[c] == pytest.approx(shares[c], abs=0.05)
+    pooled = high_component_share(lx[(y == 3) | (y == 4)])
+    assert rates[3] == rates[4] == pooled and rates[5] == 0.0
+    counts = np.bincount(y, minlength=C)
+    est = estimate_noise_rates(z, y, "per_class")
+    assert est.per_class == tuple(rates) and float(est) == est.overall
+    assert est.overall == estimate_noise_rate(z, y, "per_class")
+    assert est.overall == pytest.approx(float(counts @ rates) / y.size, abs=1e-12)
+
+    glob = class_noise_rates(z, y, "global")
+    assert glob.tolist() == [high_component_share(lx)] * 5 + [0.0]
+    assert estimate_noise_rate(z, y, "global") == high_component_share(lx)
+    # min_group=1: every class present is fitted alone
+    alone = class_noise_rates(z, y, "per_class", min_group=1)
+    assert alone[3] == high_component_share(lx[y == 3]) and alone[4] == high_component_share(lx[y == 4])
 
 
 def test_bad_input_is_refused():

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 import subprocess
 import sys
@@ -14,10 +15,10 @@ import numpy as np
 import pytest
 import torch
 
-from dsink import losses
+from dsink import losses, selection
 from dsink import teacher_training as tt
-from dsink import selection
 from dsink.artifacts import CorruptedIndex, read_corrupted, read_logits
+from dsink.noise_rate import NoiseRateEstimate
 from dsink.params import NoiseTeacherParams, load_params
 from dsink.teachers import MAX_FORGET_RATE, noise_recipe
 
@@ -39,17 +40,43 @@ def _kept_mean(z: torch.Tensor, y: torch.Tensor, keep: float) -> torch.Tensor:
     return per[losses.small_loss_keep_mask(per, keep)].mean()
 
 
-def test_small_loss_keeps_everything_until_the_estimate_then_ramps_to_it():
-    obj = noise_recipe(NoiseTeacherParams(method="small_loss", ramp_epochs=10), _index()).objective
+def _brute_per_class_mask(loss: torch.Tensor, y: torch.Tensor, keeps: list[float]) -> torch.Tensor:
+    """Sort each class's samples by (NaN last, loss, index) in Python and keep ``ceil(keep_c * n_c)``."""
+    mask = torch.zeros(loss.numel(), dtype=torch.bool)
+    values, labels = loss.tolist(), y.tolist()
+    for c in set(labels):
+        members = sorted(
+            (i for i, lab in enumerate(labels) if lab == c),
+            key=lambda i: (math.isnan(values[i]), values[i] if not math.isnan(values[i]) else 0.0, i),
+        )
+        k = max(1, math.ceil(keeps[c] * len(members) - 1e-9))
+        mask[members[:k]] = True
+    return mask
+
+
+def _per_class_kept_mean(z: torch.Tensor, y: torch.Tensor, keeps: list[float]) -> torch.Tensor:
+    per = losses.cross_entropy(z, y, reduction="none")
+    return per[_brute_per_class_mask(per, y, keeps)].mean()
+
+
+@pytest.mark.parametrize("rule", ["global", "per_class"])
+def test_small_loss_keeps_everything_until_the_estimate_then_ramps_to_it(rule):
+    p = NoiseTeacherParams(method="small_loss", ramp_epochs=10, selection=rule)
+    obj = noise_recipe(p, _index()).objective
     z, y, rows = _batch()
     assert obj.estimates and obj.forget_rate is None and obj.epoch_metrics() == {}
     for progress in (0.0, 3.5, 12.0):  # no estimate yet: plain CE whatever the epoch
         assert torch.equal(obj(z, y, rows, progress), losses.cross_entropy(z, y))
-    obj.set_estimate(0.4)
+    obj.set_estimate(0.4)  # a bare share: every class gets it
     assert obj.forget_rate == 0.4 and obj.epoch_metrics() == {"noise_rate_estimate": 0.4}
+    assert obj.noise_rate_estimate_per_class == (0.4,) * 4
     # the co-teaching ramp, as for a set rate: 1 - 0.4 * min(1, epoch / 10)
-    assert torch.equal(obj(z, y, rows, 5.0), _kept_mean(z, y, 0.8))
-    assert torch.equal(obj(z, y, rows, 10.0), _kept_mean(z, y, 0.6))
+    if rule == "global":
+        assert torch.equal(obj(z, y, rows, 5.0), _kept_mean(z, y, 0.8))
+        assert torch.equal(obj(z, y, rows, 10.0), _kept_mean(z, y, 0.6))
+    else:
+        assert torch.equal(obj(z, y, rows, 5.0), _per_class_kept_mean(z, y, [0.8] * 4))
+        assert torch.equal(obj(z, y, rows, 10.0), _per_class_kept_mean(z, y, [0.6] * 4))
     assert not torch.equal(obj(z, y, rows, 10.0), losses.cross_entropy(z, y))
     obj.set_estimate(0.99)  # recorded as estimated, but selection must keep some samples
     assert obj.noise_rate_estimate == 0.99 and obj.forget_rate == MAX_FORGET_RATE
@@ -57,15 +84,95 @@ def test_small_loss_keeps_everything_until_the_estimate_then_ramps_to_it():
         obj.set_estimate(1.5)
 
 
+def test_per_class_selection_ramps_each_class_to_its_own_estimate():
+    obj = noise_recipe(NoiseTeacherParams(method="small_loss", ramp_epochs=10), _index()).objective
+    z, y, rows = _batch(n=64)
+    est = NoiseRateEstimate(0.3, (0.1, 0.5, 0.0, 0.99))
+    obj.set_estimate(est)
+    assert obj.noise_rate_estimate == 0.3 and obj.forget_rate == 0.3
+    assert obj.noise_rate_estimate_per_class == est.per_class
+    assert obj.small_loss.forget_rates == (0.1, 0.5, 0.0, MAX_FORGET_RATE)  # capped like the overall one
+    for progress in (0.0, 2.5, 10.0, 14.0):
+        ramp = min(1.0, progress / 10)
+        keeps = [1 - f * ramp for f in (0.1, 0.5, 0.0, MAX_FORGET_RATE)]
+        assert torch.equal(obj(z, y, rows, progress), _per_class_kept_mean(z, y, keeps))
+    with pytest.raises(ValueError, match="classes"):
+        obj.set_estimate(NoiseRateEstimate(0.3, (0.1, 0.5)))
+
+
 def test_a_set_forget_rate_overrides_and_nothing_is_estimated():
-    obj = noise_recipe(
-        NoiseTeacherParams(method="small_loss", forget_rate=0.2, ramp_epochs=0), _index()
-    ).objective
     z, y, rows = _batch()
-    assert not obj.estimates and obj.forget_rate == 0.2
-    assert torch.equal(obj(z, y, rows, 0.0), _kept_mean(z, y, 0.8))
+    for rule, expected in (
+        ("global", _kept_mean(z, y, 0.8)),
+        ("per_class", _per_class_kept_mean(z, y, [0.8] * 4)),
+    ):
+        p = NoiseTeacherParams(method="small_loss", forget_rate=0.2, ramp_epochs=0, selection=rule)
+        obj = noise_recipe(p, _index()).objective
+        assert not obj.estimates and obj.forget_rate == 0.2
+        assert torch.equal(obj(z, y, rows, 0.0), expected)
     for method in ("gce", "elr", "ce"):
         assert not noise_recipe(NoiseTeacherParams(method=method), _index()).objective.estimates
+
+
+def test_a_set_forget_rate_is_every_class_s_rate():
+    p = NoiseTeacherParams(method="small_loss", forget_rate=0.25, ramp_epochs=4)
+    obj = noise_recipe(p, _index()).objective
+    obj.set_estimate(NoiseRateEstimate(0.3, (0.1, 0.5, 0.0, 0.9)))  # not used: the set rate decides
+    z, y, rows = _batch()
+    assert torch.equal(obj(z, y, rows, 2.0), _per_class_kept_mean(z, y, [0.875] * 4))
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_per_class_keep_mask_is_a_per_class_sort(seed):
+    g = torch.Generator().manual_seed(seed)
+    C = int(torch.randint(1, 7, (1,), generator=g))
+    n = int(torch.randint(1, 60, (1,), generator=g))
+    loss = torch.randint(0, 6, (n,), generator=g).double()  # many ties
+    loss[torch.rand(n, generator=g) < 0.1] = float("nan")
+    y = torch.randint(0, C, (n,), generator=g) ** 2 % C  # uneven: some classes 0-2 samples
+    keeps = (torch.rand(C, generator=g) * 0.99 + 0.01).tolist()
+    keeps[0] = 1.0
+    mask = losses.small_loss_keep_mask_per_class(loss, y, keeps)
+    assert torch.equal(mask, _brute_per_class_mask(loss, y, keeps))
+    assert set(y[mask].tolist()) == set(y.tolist())  # no class present is dropped
+    # one class: the global mask
+    one = torch.zeros(n, dtype=torch.long)
+    assert torch.equal(
+        losses.small_loss_keep_mask_per_class(loss, one, [keeps[-1]]),
+        losses.small_loss_keep_mask(loss, keeps[-1]),
+    )
+
+
+def test_per_class_rounding_of_a_class_with_one_or_two_samples():
+    keep = losses.small_loss_keep_mask_per_class
+    loss, y = torch.tensor([5.0, 1.0, 9.0]), torch.tensor([1, 0, 0])
+    assert keep(loss, y, [0.05, 0.05]).tolist() == [True, True, False]  # one sample: always kept
+    assert keep(loss, y, [0.51, 1.0]).tolist() == [True, True, True]  # two: both while keep > 1/2
+    assert keep(loss, y, [0.5, 1.0]).tolist() == [True, True, False]  # then the smaller loss
+    with pytest.raises(ValueError, match="labels span"):
+        keep(loss, torch.tensor([0, 2, 1]), [0.5, 0.5])
+    with pytest.raises(ValueError, match="keep_fractions"):
+        keep(loss, y, [0.0, 1.0])
+
+
+def test_per_class_selection_keeps_a_tail_class_that_global_selection_drops():
+    """A head class with small losses fills the batch; the two tail samples have the largest losses,
+    one of them its clean sample. Forgetting 60 %, the global rule keeps the 40 % smallest of the batch,
+    all from the head; the per-class rule keeps 40 % of each class (rounded up), so the tail's smaller
+    loss stays."""
+    C, n_head = 4, 30
+    labels = torch.tensor([0] * n_head + [3, 3])
+    loss = torch.cat([torch.linspace(0.1, 1.0, n_head), torch.tensor([2.0, 6.0])])
+    sel = {
+        s: losses.SmallLossSelection(C, forget_rate=0.6, ramp_epochs=0, selection=s)
+        for s in ("global", "per_class")
+    }
+    glob = sel["global"].keep_mask(loss, labels, 0.0)
+    per = sel["per_class"].keep_mask(loss, labels, 0.0)
+    assert not glob[labels == 3].any() and int(glob.sum()) == math.ceil(0.4 * 32)
+    assert per[labels == 3].tolist() == [True, False]
+    assert int(per[labels == 0].sum()) == math.ceil(0.4 * n_head)
+    assert torch.equal(sel["per_class"](loss, labels, 0.0), loss[per].mean())
 
 
 def test_estimate_and_elr_targets_survive_the_checkpoint():
@@ -79,6 +186,16 @@ def test_estimate_and_elr_targets_survive_the_checkpoint():
     assert all(isinstance(v, torch.Tensor) for v in state.values())  # loadable with weights_only=True
     b.state.load_state_dict(state)
     assert b.objective.noise_rate_estimate == 0.3125
+    assert b.objective.noise_rate_estimate_per_class == (0.3125,) * 4
+    a.objective.set_estimate(NoiseRateEstimate(0.25, (0.125, 0.5, 0.0, 0.375)))
+    b.state.load_state_dict(a.state.state_dict())
+    assert b.objective.noise_rate_estimate == 0.25
+    assert b.objective.noise_rate_estimate_per_class == (0.125, 0.5, 0.0, 0.375)
+    z, y, rows = _batch()
+    assert torch.equal(a.objective(z, y, rows, 20.0), b.objective(z, y, rows, 20.0))
+    # a checkpoint from before the per-class rates: every class gets the overall one
+    b.state.load_state_dict({"noise_rate_estimate": torch.tensor(0.2, dtype=torch.float64)})
+    assert b.objective.noise_rate_estimate_per_class == (0.2,) * 4
 
     e1, e2 = (
         noise_recipe(NoiseTeacherParams(method="elr"), _index()),
@@ -266,22 +383,23 @@ params = load_params("params.yaml")
 corpus = open_corpus(params, "data/corrupted/train.parquet")
 torch.manual_seed(rt.rank)  # every rank holds other weights: only rank 0's may decide
 model = build_model("small_cnn", corpus.index.num_classes, corpus.source.channels)
-value = torch.tensor([noise_rate_of_model(model, corpus, "global", rt)], dtype=torch.float64)
+est = noise_rate_of_model(model, corpus, "per_class", rt)
+value = torch.tensor([est.overall, *est.per_class], dtype=torch.float64)  # overall, then per class
 per_rank = [torch.empty_like(value) for _ in range(rt.world_size)]
 if rt.distributed:
     dist.all_gather(per_rank, value)
 else:
     per_rank = [value]
 if rt.is_main:
-    torch.save(torch.cat(per_rank), sys.argv[1])
+    torch.save(torch.stack(per_rank), sys.argv[1])
 teardown_runtime(rt)
 """
 
 
 @pytest.mark.timeout(300)
 def test_every_rank_gets_the_estimate_of_rank_0(tmp_path, write_params):
-    """Under torchrun (2 CPU processes, gloo) every rank uses the value one process computes from rank 0's
-    model, even when the ranks' weights differ."""
+    """Under torchrun (2 CPU processes, gloo) every rank uses the values (overall and per class) one process
+    computes from rank 0's model, even when the ranks' weights differ."""
     d = _setup(tmp_path, write_params)
     script = d / "ddp_estimate.py"
     script.write_text(DDP_SCRIPT)
@@ -292,4 +410,4 @@ def test_every_rank_gets_the_estimate_of_rank_0(tmp_path, write_params):
     )
     subprocess.run([sys.executable, str(script), "one.pt"], check=True, env=env, cwd=d, timeout=240)
     ddp, one = torch.load(d / "ddp.pt"), torch.load(d / "one.pt")
-    assert ddp.shape == (2,) and ddp[0] == ddp[1] == one[0]
+    assert ddp.shape == (2, 1 + 3) and torch.equal(ddp[0], ddp[1]) and torch.equal(ddp[0], one[0])
