@@ -61,13 +61,24 @@ class Corpus:
         """Source training ids of the validation split (empty when there is none)."""
         return self.val.sample_id if self.val is not None else np.empty(0, dtype=np.int64)
 
-    def training_set(self) -> TrainingSet:
+    def training_set(self, rows: np.ndarray | None = None) -> TrainingSet:
+        """Every kept sample with its noisy label; ``rows`` (corrupted-index positions): only those."""
+        if rows is None:
+            return TrainingSet(
+                self.source.train,
+                self.index.sample_id,
+                torch.from_numpy(self.index.noisy_label),
+                self.source.name,
+                self.source.image_size,
+            )
+        rows = np.asarray(rows, dtype=np.int64)
         return TrainingSet(
             self.source.train,
-            self.index.sample_id,
-            torch.from_numpy(self.index.noisy_label),
+            self.index.sample_id[rows],
+            torch.from_numpy(self.index.noisy_label[rows]),
             self.source.name,
             self.source.image_size,
+            rows,
         )
 
 

@@ -1,8 +1,11 @@
 """DVC stage `dump_logits@<role>`: a teacher's logits on every training sample and the test set.
 
-Reads `seed`, `data`, `teachers.<role>` (architecture and loss, for the metadata) and `dump`, and
-data/teachers/<role>/estimate.json when it exists (its `noise_rate_estimate` goes into the metadata);
-writes data/logits/<role>.parquet exactly as contract.md says.
+Reads `seed`, `data`, `teachers.<role>` (architecture, loss and `folds`, for the model file and the
+metadata) and `dump`, data/teachers/<role>/model.pt, and data/teachers/<role>/estimate.json when it
+exists (its `noise_rate_estimate` goes into the metadata); writes data/logits/<role>.parquet exactly as
+contract.md says. With `folds: 1` the training rows are in-sample (the model trained on them); with
+`folds: k >= 2` they are out of fold (each from the fold model that held the sample out) and test and
+val rows are the mean of the k fold models' raw logits. The metadata records `folds`.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ def read_estimate(path: Path) -> float | None:
 
 
 def main(args: argparse.Namespace) -> None:
-    from dsink.dump import load_model, model_logits, write_model_logits
+    from dsink.dump import load_teacher, teacher_logits, write_model_logits
     from dsink.params import load_params
     from dsink.runs import open_corpus
     from dsink.teachers import recipe_for
@@ -43,8 +46,16 @@ def main(args: argparse.Namespace) -> None:
     tp = getattr(params.teachers, args.role)
     model_path = args.model or f"data/teachers/{args.role}/model.pt"
     out = args.out or f"data/logits/{args.role}.parquet"
-    model = load_model(tp.model, model_path, corpus.index.num_classes, corpus.source.channels)
-    z = model_logits(model, corpus, params.dump.batch_size, f"dump[{args.role}]")
+    teacher = load_teacher(
+        tp.model,
+        model_path,
+        corpus.index.num_classes,
+        corpus.source.channels,
+        tp.folds,
+        corpus.index.sample_id,
+        f"teachers.{args.role}.folds",
+    )
+    z = teacher_logits(teacher, corpus, params.dump.batch_size, f"dump[{args.role}]")
     recipe = recipe_for(args.role, tp, corpus.index)
     meta = {
         "role": args.role,
@@ -52,6 +63,7 @@ def main(args: argparse.Namespace) -> None:
         "model": tp.model,
         "space": recipe.space,
         "train_offset": [float(v) for v in recipe.train_offset.tolist()],
+        "folds": tp.folds,
     }
     if estimate is not None:
         meta["noise_rate_estimate"] = estimate
@@ -63,7 +75,12 @@ def cli(argv: list[str] | None = None) -> None:
     p = stage.parser(__doc__)
     p.add_argument("--role", required=True, choices=("imbalance", "noise"), help="which teacher")
     p.add_argument("--corrupted", default="data/corrupted/train.parquet", help="corrupted index")
-    p.add_argument("--model", default=None, help="model state dict (default: data/teachers/<role>/model.pt)")
+    p.add_argument(
+        "--model",
+        default=None,
+        help="model file: a state dict, or the fold models with folds >= 2 "
+        "(default: data/teachers/<role>/model.pt)",
+    )
     p.add_argument("--out", default=None, help="output Parquet (default: data/logits/<role>.parquet)")
     p.add_argument(
         "--estimate",

@@ -5,6 +5,12 @@ data/teachers/<role>/estimate.json (the noise teacher's noise-rate estimate, nul
 and dvclive curves under dvclive/teacher_<role>. No clean label reaches the weights. Resumes from
 .dsink/checkpoints when a run of the same params was interrupted. Runs single-process, or DDP when
 launched by torchrun.
+
+With `teachers.<role>.folds: k >= 2` it trains k fold models one after another (k-fold cross-fitting,
+stratified by noisy label: model j never sees fold j), so dump_logits can give every training sample
+logits from a model that did not train on it; model.pt then holds the k state dicts and the fold
+assignment, estimate.json the mean estimate and one per fold, and the dvclive curves are the folds'
+mean (each fold's under fold_<j>/).
 """
 
 from __future__ import annotations

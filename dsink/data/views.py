@@ -66,13 +66,19 @@ def augment(
 
 @dataclass
 class TrainingSet:
-    """The kept training samples: ``ids[k]`` is the source index of corrupted-index row ``k``."""
+    """The samples a model trains on: ``ids[k]`` is the source index of sample ``k``, which is row
+    ``rows[k]`` of the corrupted index (row ``k`` when ``rows`` is None: every kept sample, in order).
+
+    ``rows`` lets a cross-fitting fold model train on part of the index while its batches still carry
+    the corrupted-index rows that objectives key per-sample state by (ELR's targets).
+    """
 
     split: Split
     ids: np.ndarray
     labels: torch.Tensor  # the labels trained on (noisy), int64 (n,)
     dataset: str
     image_size: tuple[int, int]
+    rows: np.ndarray | None = None  # int64 (n,): corrupted-index row of each sample; None = identity
 
     def __len__(self) -> int:
         return int(self.ids.size)
@@ -111,13 +117,13 @@ def augmentation_draws(n_total: int, pad: int, seed: int, epoch: int) -> tuple[t
 
 
 def iterate(ts: TrainingSet, order: np.ndarray, positions: np.ndarray, batch_size: int) -> Iterator[Batch]:
-    """Batches of ``ts`` in ``order`` (rows of the corrupted index)."""
+    """Batches of ``ts`` in ``order`` (positions in ``ts``; a batch's ``rows`` are corrupted-index rows)."""
     for start in range(0, order.size, batch_size):
-        rows = order[start : start + batch_size]
+        pos = order[start : start + batch_size]
         yield Batch(
-            images=ts.split.load(ts.ids[rows]),
-            labels=ts.labels[torch.from_numpy(rows)],
-            rows=torch.from_numpy(rows),
+            images=ts.split.load(ts.ids[pos]),
+            labels=ts.labels[torch.from_numpy(pos)],
+            rows=torch.from_numpy(pos if ts.rows is None else ts.rows[pos]),
             order_pos=torch.from_numpy(positions[start : start + batch_size]),
         )
 
