@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from dsink.artifacts import CorruptedIndex, ValidationSplit, read_corrupted, read_validation
-from dsink.data.sources import Source, load_source
+from dsink.data.sources import Source, load_source, resident
 from dsink.data.views import Normalizer, TrainingSet
 from dsink.errors import DsinkError
 from dsink.params import Params, to_dict
@@ -120,7 +120,7 @@ def open_validation(
 def open_corpus(params: Params, corrupted_path: str | Path, val_path: str | Path | None = None) -> Corpus:
     """The source, the corrupted index at ``corrupted_path`` and the validation split (default: beside it)."""
     index = read_corrupted(corrupted_path)
-    source = load_source(params.data)
+    source = resident(load_source(params.data))
     if index.dataset != source.name:
         raise DsinkError(
             f"{corrupted_path} was made from dataset {index.dataset!r} but data.dataset is "
