@@ -1,13 +1,26 @@
 """Comparison models: trained on the same corrupted set as D-SINK and evaluated beside it.
 
 ``train_baseline@ce`` is plain cross-entropy on the noisy long-tailed labels (what a user gets without
-any method); ``train_baseline@la_gce`` is the naive single-loss answer to both problems at once, GCE on
-logit-adjusted logits. Each run writes its state dict and, in the same stage, the contract's logits
-Parquet (train + test rows, ``train_offset`` metadata), so ``evaluate`` reads it exactly like a teacher.
+any method). ``train_baseline@la_small_loss`` is one model for both problems, as strong as a user would
+build it: logit-adjusted CE (tail-aware) on the samples class-aware small-loss selection keeps
+(noise-robust),
+
+    L = (1 / |K|) sum_{i in K} CE(z_i + tau * log pi, y_i),
+
+with ``pi`` the add-one smoothed prior of the noisy labels (:mod:`dsink.priors`) and ``K`` the batch's
+kept samples: :class:`dsink.losses.SmallLossSelection`, ranking by those same per-sample logit-adjusted
+losses. With ``selection: per_class`` each given-label class keeps its own smallest-loss share ``1 - f_c``
+(ramped over ``ramp_epochs``), so a tail class is not forgotten wholesale; ``f_c`` is ``forget_rate``
+or, when that is null, the noise rate estimated from the noisy data after ``estimate_epochs`` epochs of
+all samples (:func:`dsink.selection.estimate_hook`, on the adjusted logits the loss sees), exactly as
+the noise teacher does it. Each run writes its state dict and, in the same stage, the contract's logits
+Parquet (train + test rows, ``train_offset`` metadata; ``noise_rate_estimate`` and
+``noise_rate_estimate_per_class`` when estimated), so ``evaluate`` reads it exactly like a teacher.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -17,23 +30,59 @@ from dsink.artifacts import CorruptedIndex
 from dsink.dump import model_logits, write_model_logits
 from dsink.engine import clear_checkpoint, save_state_dict, setup_runtime, teardown_runtime, train
 from dsink.models import build_model
-from dsink.params import BASELINES, Params
+from dsink.params import BASELINES, LASmallLossBaselineParams, Params
 from dsink.priors import label_log_prior
 from dsink.runs import checkpoint_dir, open_corpus, stage_config
+from dsink.selection import estimate_hook
 from dsink.teachers import TeacherRecipe
 from dsink.tracking import epoch_tracker
 
 
-class _BaselineObjective:
-    def __init__(self, method: str, lp: torch.Tensor, tau: float, q: float) -> None:
-        self.method, self.lp, self.tau, self.q = method, lp, tau, q
+class _CEObjective:
+    def __call__(
+        self, logits: torch.Tensor, labels: torch.Tensor, rows: torch.Tensor, progress: float
+    ) -> torch.Tensor:
+        return losses.cross_entropy(logits, labels)
+
+
+class _LASmallLossObjective:
+    """Logit-adjusted CE averaged over the samples small-loss selection keeps (see the module docstring);
+    carries the noise-rate estimate (logged, checkpointed) like the noise teacher's objective."""
+
+    def __init__(self, p: LASmallLossBaselineParams, lp: torch.Tensor) -> None:
+        self.lp, self.tau = lp, p.tau
+        self.small_loss = losses.SmallLossSelection(lp.numel(), p.forget_rate, p.ramp_epochs, p.selection)
+
+    @property
+    def estimates(self) -> bool:
+        return self.small_loss.estimates
+
+    @property
+    def noise_rate_estimate(self) -> float | None:
+        return self.small_loss.noise_rate_estimate
+
+    @property
+    def noise_rate_estimate_per_class(self) -> tuple[float, ...] | None:
+        return self.small_loss.noise_rate_estimate_per_class
+
+    def set_estimate(self, value: Any) -> None:
+        self.small_loss.set_estimate(value)
 
     def __call__(
         self, logits: torch.Tensor, labels: torch.Tensor, rows: torch.Tensor, progress: float
     ) -> torch.Tensor:
-        if self.method == "la_gce":
-            return losses.logit_adjusted_gce(logits, labels, self.lp.to(logits.device), self.tau, self.q)
-        return losses.cross_entropy(logits, labels)
+        lp = self.lp.to(logits.device)
+        per_sample = losses.logit_adjusted_ce(logits, labels, lp, tau=self.tau, reduction="none")
+        return self.small_loss(per_sample, labels, progress)
+
+    def epoch_metrics(self) -> dict[str, float]:
+        return self.small_loss.epoch_metrics()
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.small_loss.state_dict()
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        self.small_loss.load_state_dict(state)
 
 
 def baseline_recipe(method: str, params: Params, index: CorruptedIndex) -> TeacherRecipe:
@@ -41,13 +90,11 @@ def baseline_recipe(method: str, params: Params, index: CorruptedIndex) -> Teach
     if method not in BASELINES:
         raise ValueError(f"baseline {method!r}; expected one of {', '.join(BASELINES)}")
     lp = torch.tensor(label_log_prior(index.noisy_label, index.num_classes), dtype=torch.float32)
-    if method == "la_gce":
-        p = params.baselines.la_gce
-        offset = p.tau * lp
-        return TeacherRecipe(
-            _BaselineObjective(method, lp, p.tau, p.q), None, offset, "balanced" if p.tau > 0 else "train"
-        )
-    return TeacherRecipe(_BaselineObjective(method, lp, 0.0, 1.0), None, torch.zeros_like(lp), "train")
+    if method == "la_small_loss":
+        p = params.baselines.la_small_loss
+        obj = _LASmallLossObjective(p, lp)
+        return TeacherRecipe(obj, obj, p.tau * lp, "balanced" if p.tau > 0 else "train")
+    return TeacherRecipe(_CEObjective(), None, torch.zeros_like(lp), "train")
 
 
 def fit_baseline(
@@ -59,13 +106,15 @@ def fit_baseline(
         corpus = open_corpus(params, corrupted)
         tp = getattr(params.baselines, method)
         recipe = baseline_recipe(method, params, corpus.index)
+        obj = recipe.objective
+        estimating = bool(getattr(obj, "estimates", False))
         torch.manual_seed(params.seed)
         model = build_model(tp.model, corpus.index.num_classes, corpus.source.channels)
         config = stage_config(params, "seed", "data", f"baselines.{method}")
         ckpt = checkpoint_dir(f"train_baseline-{method}", config, [corrupted])
         result = train(
             model,
-            recipe.objective,
+            obj,
             corpus.training_set(),
             corpus.normalizer,
             tp,
@@ -73,8 +122,12 @@ def fit_baseline(
             rt,
             checkpoint_dir=ckpt,
             live_dir=live_dir,
-            objective_state=None,
+            objective_state=recipe.state,
             evaluate=epoch_tracker(corpus, rt.device, 512) if tp.track_every else None,
+            # the loss sees raw + train_offset (training-prior logits): so does the estimate
+            on_epoch_start=estimate_hook(obj, corpus, tp, rt, offset=recipe.train_offset)
+            if estimating
+            else None,
             desc=f"baseline[{method}]",
         )
         if rt.is_main:
@@ -87,6 +140,9 @@ def fit_baseline(
                 "space": recipe.space,
                 "train_offset": [float(v) for v in recipe.train_offset.tolist()],
             }
+            if getattr(obj, "noise_rate_estimate", None) is not None:  # none: rate set, or never reached
+                meta["noise_rate_estimate"] = obj.noise_rate_estimate
+                meta["noise_rate_estimate_per_class"] = list(obj.noise_rate_estimate_per_class)
             write_model_logits(logits_out, z, corpus, meta)
             save_state_dict(result.model, model_out)
             clear_checkpoint(ckpt)

@@ -78,8 +78,9 @@ def label_repair(pred: np.ndarray, clean: np.ndarray, noisy: np.ndarray) -> dict
 
 MODELS = ("dsink", "imbalance_teacher", "noise_teacher")
 # What D-SINK is compared against besides its own teachers: the naive ensemble of the two teachers and the
-# baselines trained by ``train_baseline@*`` (plain CE, and GCE on logit-adjusted logits).
-COMPARISONS = ("teacher_average", "ce", "la_gce")
+# baselines trained by ``train_baseline@*`` (plain CE, and logit-adjusted CE on the samples class-aware
+# small-loss selection keeps).
+COMPARISONS = ("teacher_average", "ce", "la_small_loss")
 
 
 @dataclass

@@ -22,7 +22,7 @@ LABELS = {
     "noise_teacher": "noise teacher (f_N)",
     "teacher_average": "average of the two teachers",
     "ce": "plain cross-entropy",
-    "la_gce": "GCE on logit-adjusted logits",
+    "la_small_loss": "LA + small-loss (one model)",
 }
 
 

@@ -20,7 +20,9 @@ loss                                    ``softmax(raw logits)`` estimates
 ======================================  ==========================================================
 
 Conversion: ``raw + log_prior`` (balanced -> training prior), ``raw - log_prior`` (training -> balanced),
-up to a per-row constant that the softmax ignores.
+up to a per-row constant that the softmax ignores. Small-loss selection (:class:`SmallLossSelection`)
+only chooses which samples a loss averages over: on ``logit_adjusted_ce`` (the ``la_small_loss``
+baseline) the raw logits are in that loss's space.
 """
 
 from __future__ import annotations
@@ -87,7 +89,7 @@ def cross_entropy(logits: torch.Tensor, target: torch.Tensor, reduction: str = "
 def _adjusted(
     logits: torch.Tensor, target: torch.Tensor, log_prior: torch.Tensor, tau: float
 ) -> torch.Tensor:
-    """``logits + tau * log_prior`` after checking both (shared by the logit-adjusted losses)."""
+    """``logits + tau * log_prior`` after checking both."""
     if not (math.isfinite(tau) and tau >= 0):
         raise ValueError(f"tau = {tau!r}; expected a finite number >= 0")
     _check_logits_target(logits, target)
@@ -117,24 +119,6 @@ def logit_adjusted_ce(
     """
     _check_reduction(reduction)
     return cross_entropy(_adjusted(logits, target, log_prior, tau), target, reduction)
-
-
-def logit_adjusted_gce(
-    logits: torch.Tensor,
-    target: torch.Tensor,
-    log_prior: torch.Tensor,
-    tau: float = 1.0,
-    q: float = 0.7,
-    reduction: str = "mean",
-) -> torch.Tensor:
-    """``GCE(logits + tau * log_prior, target)``: one loss that is both tail-aware and noise-robust.
-
-    The naive single-loss combination the benchmarks compare D-SINK against (``baselines.la_gce``): the
-    raw logits estimate the balanced posterior as with :func:`logit_adjusted_ce`, while GCE's ``p_y^q``
-    weighting down-weights samples whose (adjusted) label probability is small, as noisy ones tend to be.
-    """
-    _check_reduction(reduction)
-    return gce(_adjusted(logits, target, log_prior, tau), target, q=q, reduction=reduction)
 
 
 def balanced_softmax_ce(

@@ -50,7 +50,7 @@ MODELS = (
     ("noise_teacher", "noise teacher f_N"),
     ("teacher_average", "average of the two teachers"),
     ("ce", "plain cross-entropy"),
-    ("la_gce", "GCE on logit-adjusted logits"),
+    ("la_small_loss", "LA + small-loss (one model)"),
 )
 COLUMNS = ("top1", "many", "medium", "few", "corrected", "memorised")
 VAL_COLUMNS = ("top1", "few")  # the validation split's numbers, what a benchmark chooses on

@@ -1,7 +1,7 @@
 """DVC stage `evaluate`: the student, both teachers and the comparisons on the clean, balanced test set.
 
 The comparisons are the average of the two teachers' probabilities and the baselines of
-`train_baseline@{ce,la_gce}`. Every model is read in the balanced space (`raw + train_offset -
+`train_baseline@{ce,la_small_loss}`. Every model is read in the balanced space (`raw + train_offset -
 train_log_prior`, see dsink/evaluation.py) for the accuracies, the label-repair shares and the average.
 Reads `data` (to find the test labels) and `evaluate`; reads the logits files, the validation split and
 the trainings' dvclive curves; writes metrics/evaluate.json (test metrics, `val` metrics per model, the
@@ -45,13 +45,13 @@ def main(args: argparse.Namespace) -> None:
         "imbalance_teacher": args.imbalance_logits,
         "noise_teacher": args.noise_logits,
         "ce": f"{args.baselines}/ce/logits.parquet",
-        "la_gce": f"{args.baselines}/la_gce/logits.parquet",
+        "la_small_loss": f"{args.baselines}/la_small_loss/logits.parquet",
     }
     files = {name: read_logits(p, index, test_labels.size, val_ids=val_ids) for name, p in paths.items()}
     # one space for every comparison: the balanced one
     logits: dict = {name: balanced_predictions(files[name], index, paths[name]) for name in paths}
     logits["teacher_average"] = average_probabilities(logits["imbalance_teacher"], logits["noise_teacher"])
-    order = ("dsink", "imbalance_teacher", "noise_teacher", "teacher_average", "ce", "la_gce")
+    order = ("dsink", "imbalance_teacher", "noise_teacher", "teacher_average", "ce", "la_small_loss")
     logits = {name: logits[name] for name in order}
     ep = params.evaluate
     metrics, tables = evaluate_models(
@@ -81,7 +81,7 @@ def main(args: argparse.Namespace) -> None:
         "imbalance_teacher": Path(args.live) / "teacher_imbalance",
         "noise_teacher": Path(args.live) / "teacher_noise",
         "ce": Path(args.live) / "baseline_ce",
-        "la_gce": Path(args.live) / "baseline_la_gce",
+        "la_small_loss": Path(args.live) / "baseline_la_small_loss",
     }
     figures.curves_figure(live, plots / "curves.png")
     figures.corrected_figure(live, plots / "corrected.png")

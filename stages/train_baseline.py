@@ -1,7 +1,8 @@
 """DVC stage `train_baseline@<method>`: a comparison model on the same corrupted set as D-SINK.
 
-`ce` is plain cross-entropy on the noisy labels; `la_gce` is the naive single-loss combination (GCE on
-logit-adjusted logits). Reads `seed`, `data`, `baselines.<method>` and `dump`; writes
+`ce` is plain cross-entropy on the noisy labels; `la_small_loss` is one model for both problems,
+logit-adjusted CE on the samples class-aware small-loss selection keeps (its noise rate estimated from
+the noisy labels, as the noise teacher does). Reads `seed`, `data`, `baselines.<method>` and `dump`; writes
 data/baselines/<method>/model.pt and data/baselines/<method>/logits.parquet (the teacher logits schema,
 so `evaluate` reports the baseline beside D-SINK) and dvclive curves under dvclive/baseline_<method>.
 Resumes from .dsink/checkpoints; runs single-process or DDP under torchrun, like the teachers.
@@ -30,7 +31,7 @@ def main(args: argparse.Namespace) -> None:
 
 def cli(argv: list[str] | None = None) -> None:
     p = stage.parser(__doc__)
-    p.add_argument("--method", required=True, choices=("ce", "la_gce"), help="which baseline to train")
+    p.add_argument("--method", required=True, choices=("ce", "la_small_loss"), help="which baseline to train")
     p.add_argument("--corrupted", default="data/corrupted/train.parquet", help="corrupted index")
     p.add_argument("--out", default=None, help="model path (default: data/baselines/<method>/model.pt)")
     p.add_argument(

@@ -43,6 +43,6 @@ def test_params_file_is_valid_and_has_every_declared_section(path: Path):
 def test_defaults_and_configs_compare_like_with_like(path: Path):
     """Baselines, teachers and student share backbone, epochs and schedule."""
     p = load_params(path)
-    runs = [p.teachers.imbalance, p.teachers.noise, p.baselines.ce, p.baselines.la_gce, p.distill]
+    runs = [p.teachers.imbalance, p.teachers.noise, p.baselines.ce, p.baselines.la_small_loss, p.distill]
     for key in ("model", "epochs", "batch_size", "lr", "schedule", "milestones", "augment"):
         assert len({str(getattr(r, key)) for r in runs}) == 1, key

@@ -263,7 +263,7 @@ def test_evaluate_stage_val_metrics_balanced_space_and_noise_rate(tmp_path, monk
     ce_test = log_pi + 0.1 * eye[test_labels]
     assert (ce_test.argmax(1) == 0).all()
     write("data/baselines/ce/logits.parquet", eye[idx.clean_label], ce_test, eye[val.label] + log_pi, {})
-    write("data/baselines/la_gce/logits.parquet", *good, balanced)
+    write("data/baselines/la_small_loss/logits.parquet", *good, balanced)
     _stage("evaluate").cli([])
     metrics = json.loads((tmp_path / "metrics/evaluate.json").read_text())
     assert metrics["dsink"]["val"] == pytest.approx({"top1": 6 / 12, "many": 1.0, "medium": 0.5, "few": 0.0})

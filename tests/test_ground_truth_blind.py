@@ -45,7 +45,7 @@ def other_ground_truth(idx: CorruptedIndex, seed: int = 7) -> CorruptedIndex:
     return CorruptedIndex(idx.sample_id.copy(), clean, idx.noisy_label.copy(), is_noisy, meta)
 
 
-TRAININGS = ("teachers.imbalance", "teachers.noise", "baselines.ce", "baselines.la_gce", "distill")
+TRAININGS = ("teachers.imbalance", "teachers.noise", "baselines.ce", "baselines.la_small_loss", "distill")
 ARTIFACTS = (
     "data/teachers/imbalance/model.pt",
     "data/teachers/noise/model.pt",
@@ -55,8 +55,8 @@ ARTIFACTS = (
     "data/logits/noise.parquet",
     "data/baselines/ce/model.pt",
     "data/baselines/ce/logits.parquet",
-    "data/baselines/la_gce/model.pt",
-    "data/baselines/la_gce/logits.parquet",
+    "data/baselines/la_small_loss/model.pt",
+    "data/baselines/la_small_loss/logits.parquet",
     "data/student/model.pt",
     "data/student/logits.parquet",
 )
@@ -67,7 +67,7 @@ def _train_everything(d: Path, monkeypatch) -> None:
     for role in ("imbalance", "noise"):
         _load_stage("train_teacher").cli(["--role", role])
         _load_stage("dump_logits").cli(["--role", role])
-    for method in ("ce", "la_gce"):
+    for method in ("ce", "la_small_loss"):
         _load_stage("train_baseline").cli(["--method", method])
     _load_stage("distill").cli([])
 
@@ -87,6 +87,8 @@ def test_every_trained_artifact_ignores_the_clean_labels(tmp_path, monkeypatch, 
         "teachers.noise.forget_rate": None,  # the estimate path
         "teachers.noise.estimate_epochs": 1,
         "teachers.noise.ramp_epochs": 1,
+        "baselines.la_small_loss.estimate_epochs": 1,  # its estimate and selection too
+        "baselines.la_small_loss.ramp_epochs": 1,
     }
     for section in TRAININGS:
         overrides.update({f"{section}.epochs": 2, f"{section}.batch_size": 16, f"{section}.track_every": 1})
@@ -117,8 +119,10 @@ def test_every_trained_artifact_ignores_the_clean_labels(tmp_path, monkeypatch, 
     assert (
         json.loads((a / "data/teachers/imbalance/estimate.json").read_text())["noise_rate_estimate"] is None
     )
+    baseline = read_logits(a / "data/baselines/la_small_loss/logits.parquet", original).meta
+    assert 0 < baseline["noise_rate_estimate"] < 1 and len(baseline["noise_rate_estimate_per_class"]) == C
     # the check has teeth: the clean labels were read, for the curves only, and differ between the runs
-    for live in ("teacher_noise", "teacher_imbalance", "baseline_ce", "baseline_la_gce", "student"):
+    for live in ("teacher_noise", "teacher_imbalance", "baseline_ce", "baseline_la_small_loss", "student"):
         ma = json.loads((a / "dvclive" / live / "metrics.json").read_text())
         mb = json.loads((b / "dvclive" / live / "metrics.json").read_text())
         repaired = [

@@ -54,26 +54,6 @@ def test_gce_value_and_gradient(q):
     assert torch.allclose(grad_of(lambda z: losses.gce(z, Y, q)), expected)
 
 
-@pytest.mark.parametrize("tau,q", [(0.0, 0.7), (1.0, 0.7), (0.5, 0.2), (2.0, 1.0)])
-def test_logit_adjusted_gce_value_and_gradient(tau, q):
-    # closed form on the adjusted posterior s = softmax(z + tau log prior): (1 - s_y^q)/q, and the
-    # gradient -s_y^q (onehot - s): GCE's gradient evaluated at the adjusted logits
-    s = torch.softmax(Z + tau * LOG_PRIOR, 1)
-    sy = s[torch.arange(N), Y]
-    value = losses.logit_adjusted_gce(Z, Y, LOG_PRIOR, tau, q, reduction="none")
-    assert torch.allclose(value, (1 - sy**q) / q)
-    expected = -(sy**q).unsqueeze(1) * (ONEHOT - s) / N
-    assert torch.allclose(grad_of(lambda z: losses.logit_adjusted_gce(z, Y, LOG_PRIOR, tau, q)), expected)
-
-
-def test_logit_adjusted_gce_limits():
-    # tau = 0 is plain GCE; q -> 0 tends to the logit-adjusted CE
-    assert torch.equal(losses.logit_adjusted_gce(Z, Y, LOG_PRIOR, 0.0, 0.7), losses.gce(Z, Y, 0.7))
-    assert torch.allclose(
-        losses.logit_adjusted_gce(Z, Y, LOG_PRIOR, 1.0, 1e-7), losses.logit_adjusted_ce(Z, Y, LOG_PRIOR, 1.0)
-    )
-
-
 def test_soft_cross_entropy_value_and_gradient():
     q = torch.softmax(torch.randn(N, C, generator=_g, dtype=torch.float64), 1)
     assert torch.allclose(losses.soft_cross_entropy(Z, q, reduction="none"), -(q * P.log()).sum(1))
@@ -89,7 +69,6 @@ def test_soft_cross_entropy_value_and_gradient():
         lambda z, r: losses.logit_adjusted_ce(z, Y, LOG_PRIOR, 0.7, reduction=r),
         lambda z, r: losses.balanced_softmax_ce(z, Y, LOG_PRIOR, reduction=r),
         lambda z, r: losses.gce(z, Y, 0.5, reduction=r),
-        lambda z, r: losses.logit_adjusted_gce(z, Y, LOG_PRIOR, 1.0, 0.5, reduction=r),
         lambda z, r: losses.soft_cross_entropy(z, P, reduction=r),
     ],
 )
@@ -269,9 +248,6 @@ def test_elr_state_round_trip():
         (lambda: losses.logit_adjusted_ce(Z, Y, LOG_PRIOR, tau=-1.0), "tau = -1"),
         (lambda: losses.logit_adjusted_ce(Z, Y, LOG_PRIOR[:3]), "log_prior shape"),
         (lambda: losses.logit_adjusted_ce(Z, Y, torch.tensor([0.0, -math.inf, 0, 0])), "log_prior"),
-        (lambda: losses.logit_adjusted_gce(Z, Y, LOG_PRIOR, tau=-1.0), "tau = -1"),
-        (lambda: losses.logit_adjusted_gce(Z, Y, LOG_PRIOR, q=0.0), "q = 0"),
-        (lambda: losses.logit_adjusted_gce(Z, Y, LOG_PRIOR[:3]), "log_prior shape"),
         (lambda: losses.small_loss_keep_mask(torch.ones(3), 0.0), "keep_fraction = 0"),
         (lambda: losses.small_loss_keep_mask(torch.ones(3), 1.2), "keep_fraction = 1.2"),
         (lambda: losses.small_loss_keep_mask(torch.ones(3, 1), 0.5), "per_sample_loss shape"),

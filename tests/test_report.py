@@ -22,7 +22,7 @@ SIX = (
     "noise teacher f_N",
     "average of the two teachers",
     "plain cross-entropy",
-    "GCE on logit-adjusted logits",
+    "LA + small-loss (one model)",
 )
 
 
@@ -111,7 +111,7 @@ def _run_dir(tmp_path: Path, write_params, noise_type: str = "symmetric", issues
                  "--val-out", str(tmp_path / "val.parquet"),
                  "--metrics", str(tmp_path / "corrupt.json")])  # fmt: skip
     row = {"top1": 0.5, "many": 0.75, "medium": 0.5, "few": 0.25, "corrected": 0.5, "memorised": 0.25}
-    keys = ("dsink", "imbalance_teacher", "noise_teacher", "teacher_average", "ce", "la_gce")
+    keys = ("dsink", "imbalance_teacher", "noise_teacher", "teacher_average", "ce", "la_small_loss")
     (tmp_path / "evaluate.json").write_text(json.dumps({k: dict(row, val=None) for k in keys}))
     plots = tmp_path / "plots"
     plots.mkdir()

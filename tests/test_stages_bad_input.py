@@ -155,14 +155,14 @@ def test_evaluate_without_student_logits(work, capsys):
     assert_clean_failure(code, err, "data/student/logits.parquet", [work / "metrics/evaluate.json"])
 
 
-@pytest.mark.parametrize("missing", ["ce", "la_gce"])
+@pytest.mark.parametrize("missing", ["ce", "la_small_loss"])
 def test_evaluate_without_a_baseline(work, capsys, missing):
     for path, role in (
         ("data/logits/noise.parquet", "noise"),
         ("data/logits/imbalance.parquet", "imbalance"),
         ("data/student/logits.parquet", "student"),
         ("data/baselines/ce/logits.parquet", "baseline_ce"),
-        ("data/baselines/la_gce/logits.parquet", "baseline_la_gce"),
+        ("data/baselines/la_small_loss/logits.parquet", "baseline_la_small_loss"),
     ):
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         good_logits(Path(path), role)

@@ -22,7 +22,7 @@ ALL_STAGES = {
     "dump_logits@imbalance",
     "dump_logits@noise",
     "train_baseline@ce",
-    "train_baseline@la_gce",
+    "train_baseline@la_small_loss",
     "distill",
     "evaluate",
     "label_issues",
@@ -67,11 +67,12 @@ def tiny_params(path: Path, epochs: int = 2) -> None:
     params["data"]["synthetic"].update(num_classes=4, image_size=8, train_per_class=60, test_per_class=15)
     params["data"]["validation"]["per_class"] = 5
     trainings = (params["teachers"]["imbalance"], params["teachers"]["noise"], params["distill"])
-    for sec in (*trainings, params["baselines"]["ce"], params["baselines"]["la_gce"]):
+    for sec in (*trainings, params["baselines"]["ce"], params["baselines"]["la_small_loss"]):
         sec.update(epochs=epochs, batch_size=32, track_every=1)
     # estimate the noise rate after one epoch, so the noise teacher's selection acts within the 2 epochs
     # (with the default 2 warm-up epochs it would train exactly like the plain-CE baseline, bit for bit)
     params["teachers"]["noise"]["estimate_epochs"] = 1
+    params["baselines"]["la_small_loss"]["estimate_epochs"] = 1  # the same for the one-model baseline
     params["evaluate"].update(many_threshold=40, few_threshold=20)
     path.write_text(yaml.safe_dump(params, sort_keys=False))
 

@@ -62,7 +62,7 @@ def test_new_pixels_rerun_every_stage_that_reads_them(tmp_path: Path):
         splits = pq.read_table(repo / f, columns=["split"]).column("split").to_pylist()
         assert splits.count("val") == val.num_rows, f
     metrics = json.loads((repo / "metrics/evaluate.json").read_text())
-    for name in ("dsink", "imbalance_teacher", "noise_teacher", "teacher_average", "ce", "la_gce"):
+    for name in ("dsink", "imbalance_teacher", "noise_teacher", "teacher_average", "ce", "la_small_loss"):
         assert 0.0 <= metrics[name]["val"]["top1"] <= 1.0, name
     assert json.loads(run([DVC, "status", "--json"], repo)) == {}
 

@@ -26,7 +26,7 @@ LOGITS = {
     "imbalance_teacher": "data/logits/imbalance.parquet",
     "noise_teacher": "data/logits/noise.parquet",
     "ce": "data/baselines/ce/logits.parquet",
-    "la_gce": "data/baselines/la_gce/logits.parquet",
+    "la_small_loss": "data/baselines/la_small_loss/logits.parquet",
 }
 
 
@@ -155,7 +155,14 @@ def test_repro_corrupt_then_everything(repo: Path):
     assert ran_stages(out) == ALL_STAGES - {"corrupt"}
     metrics = json.loads((repo / "metrics/evaluate.json").read_text())
     expected = expected_metrics(repo)
-    assert set(expected) == {"dsink", "imbalance_teacher", "noise_teacher", "teacher_average", "ce", "la_gce"}
+    assert set(expected) == {
+        "dsink",
+        "imbalance_teacher",
+        "noise_teacher",
+        "teacher_average",
+        "ce",
+        "la_small_loss",
+    }
     assert_metrics_match(metrics, expected)
     # the student's raw logits are its balanced prediction (README): with tau = 1 evaluation reads them as is
     rows, _ = read_logits_file(repo / LOGITS["dsink"])
