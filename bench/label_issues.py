@@ -13,11 +13,12 @@ class counts with the run's `evaluate` thresholds; a sample belongs to the group
   cleanlab_ce_cv    cleanlab as its documentation says: `cleanlab.filter.find_label_issues(labels,
                     pred_probs)` (default `filter_by`, prune_by_noise_rate) on out-of-sample probabilities
                     from k-fold cross-validation of plain cross-entropy with the backbone and schedule of
-                    `baselines.ce` (the project's training engine; folds stratified by the given label,
+                    `baselines.ce` (the project's training engine; folds of `dsink.cross_fit.assign_folds`,
                     seeded). Score: 1 - `cleanlab.rank.get_label_quality_scores` (self-confidence).
   cleanlab_imb      cleanlab on the imbalance teacher's balanced-space probabilities
-                    (`dsink.evaluation.balanced_predictions` of data/logits/imbalance.parquet). These are
-                    IN-SAMPLE: the teacher trained on these very labels, which cleanlab advises against.
+                    (`dsink.evaluation.balanced_predictions` of data/logits/imbalance.parquet):
+                    out-of-sample when the teacher is cross-fitted (`teachers.imbalance.folds >= 2`, as
+                    cleanlab's documentation asks), in-sample otherwise (the table says which).
   ce_cv_disagrees   the k-fold plain-CE prediction (argmax of the same out-of-sample probabilities) differs
                     from the given label; score 1 - p[given] (so its AUROC equals cleanlab_ce_cv's: the
                     two differ only in which samples they flag).
@@ -65,7 +66,7 @@ for _p in (str(ROOT), str(BENCH)):
     if _p not in sys.path:
         sys.path.insert(0, _p)
 
-CACHE_VERSION = "label_issues.oof_ce/1"
+CACHE_VERSION = "label_issues.oof_ce/2"  # 2: the folds of dsink.cross_fit
 DETECTORS = (
     ("dsink", "D-SINK (transport plan)"),
     ("cleanlab_ce_cv", "cleanlab, k-fold plain CE"),
@@ -87,25 +88,6 @@ def say(msg: str) -> None:
 
 
 # ----------------------------------------------------------------------------------------- the folds
-
-
-def stratified_folds(labels: np.ndarray, k: int, seed: int) -> np.ndarray:
-    """Fold id (0..k-1) of every row, stratified by ``labels``: within each class the rows are shuffled
-    (seeded) and dealt to the folds in turn, continuing the turn from class to class, so every class's
-    count per fold differs by at most one and the fold sizes by at most one."""
-    labels = np.asarray(labels, dtype=np.int64)
-    if k < 2:
-        raise ValueError(f"k-fold cross-validation needs k >= 2, got {k}")
-    if labels.size < k:
-        raise ValueError(f"{labels.size} rows cannot be split into {k} folds")
-    rng = np.random.default_rng(np.random.SeedSequence([seed, 13]))
-    folds = np.empty(labels.size, dtype=np.int64)
-    turn = 0
-    for c in np.unique(labels):
-        rows = rng.permutation(np.flatnonzero(labels == c))
-        folds[rows] = (turn + np.arange(rows.size)) % k
-        turn = (turn + rows.size) % k
-    return folds
 
 
 FitPredict = Callable[[np.ndarray, np.ndarray, int], np.ndarray]
@@ -214,6 +196,7 @@ def oof_ce_logits(
     fit_predict: FitPredict | None = None,
 ) -> dict[str, Any]:
     """Out-of-fold plain-CE logits of every training row (cached; see the module docstring)."""
+    from dsink.cross_fit import assign_folds
     from dsink.params import to_dict
     from dsink.runs import fingerprint
 
@@ -228,7 +211,7 @@ def oof_ce_logits(
     fp = fingerprint(config, [corrupted_path])
     final = cache_dir / f"oof_ce_{fp}.npz"
     index = corpus.index
-    folds = stratified_folds(index.noisy_label, k, seed)
+    folds = assign_folds(index.noisy_label, k, seed)
     if final.is_file():
         with np.load(final) as z:
             cached = {name: z[name] for name in z.files}

@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from dsink.artifacts import logits_table, read_corrupted, write_logits
+from dsink.cross_fit import assign_folds
 from dsink.evaluation import class_groups
 from dsink.label_issue_metrics import grouped_detection_scores
 from dsink.priors import label_log_prior
@@ -39,27 +40,9 @@ bench = _load_bench()
 # ------------------------------------------------------------------------------------------ the folds
 
 
-def test_folds_partition_the_rows_and_are_stratified():
-    labels = np.repeat(np.arange(5), [503, 120, 41, 7, 2])
-    rng = np.random.default_rng(0)
-    labels = labels[rng.permutation(labels.size)]
-    for k in (2, 3, 5):
-        folds = bench.stratified_folds(labels, k, seed=4)
-        assert folds.shape == labels.shape and set(np.unique(folds)) == set(range(k))
-        sizes = np.bincount(folds, minlength=k)
-        assert sizes.sum() == labels.size and sizes.max() - sizes.min() <= 1
-        for c in range(5):
-            per_fold = np.bincount(folds[labels == c], minlength=k)
-            assert per_fold.max() - per_fold.min() <= 1, (k, c, per_fold)
-        np.testing.assert_array_equal(folds, bench.stratified_folds(labels, k, seed=4))
-        assert not np.array_equal(folds, bench.stratified_folds(labels, k, seed=5))
-    with pytest.raises(ValueError):
-        bench.stratified_folds(labels, 1, seed=0)
-
-
 def test_no_row_is_predicted_by_a_model_that_trained_on_it():
     labels = np.repeat(np.arange(3), [40, 13, 5])
-    folds = bench.stratified_folds(labels, 3, seed=0)
+    folds = assign_folds(labels, 3, seed=0)
     trained_on: dict[int, set[int]] = {}
 
     def fit_predict(train_rows, held_rows, fold):
@@ -78,7 +61,7 @@ def test_no_row_is_predicted_by_a_model_that_trained_on_it():
 
 
 def test_out_of_fold_reuses_finished_folds():
-    folds = bench.stratified_folds(np.zeros(10, dtype=np.int64), 2, seed=0)
+    folds = assign_folds(np.zeros(10, dtype=np.int64), 2, seed=0)
     kept = {}
     called = []
 
