@@ -214,7 +214,9 @@ def _image_folder(p: DataParams) -> Source:
                 try:
                     with Image.open(path) as img:
                         img = img.convert(mode).resize((size, size), Image.BILINEAR)
-                        arr = np.asarray(img, dtype=np.uint8)
+                        # np.array copies: PIL's buffer view is read-only, and torch warns on
+                        # (and may not write through) a non-writable array
+                        arr = np.array(img, dtype=np.uint8)
                 except OSError as exc:
                     raise DsinkError(f"image {path} could not be read: {exc}") from exc
                 out[k] = torch.from_numpy(arr.reshape(size, size, channels)).permute(2, 0, 1)
