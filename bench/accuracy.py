@@ -203,6 +203,14 @@ def cmd_queue(args: argparse.Namespace) -> None:
     print(f"{len(cells)} experiments queued; run: python bench/accuracy.py start --jobs N --wait")
 
 
+def queue_state(line: str) -> str | None:
+    """The status column of a ``dvc queue status`` task line (its last word), None for other lines."""
+    words = line.split()
+    if len(words) < 3 or words[-1] not in ("Queued", "Running", "Success", "Failed", "Killed"):
+        return None
+    return words[-1]
+
+
 def cmd_start(args: argparse.Namespace) -> None:
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
     env = worker_env(threads)
@@ -212,12 +220,12 @@ def cmd_start(args: argparse.Namespace) -> None:
         return
     while True:
         out = subprocess.run([DVC, "queue", "status"], cwd=ROOT, env=env, capture_output=True, text=True)
-        busy = [ln for ln in out.stdout.splitlines() if " Running " in ln or " Queued " in ln]
+        busy = [ln for ln in out.stdout.splitlines() if queue_state(ln) in ("Running", "Queued")]
         if not busy:
             break
         time.sleep(30)
     wall = time.time() - start
-    done = [ln for ln in out.stdout.splitlines() if " Success " in ln]
+    done = [ln for ln in out.stdout.splitlines() if queue_state(ln) == "Success"]
     record = {"jobs": args.jobs, "threads_per_job": threads, "wall_s": round(wall, 1), "succeeded": len(done)}
     path = ROOT / "bench/results/queue_wall.json"
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -46,8 +46,9 @@ def fit_teacher(
     """Train the ``role`` teacher end to end (resuming when a checkpoint of the same run exists).
 
     ``estimate_out`` (JSON): ``role``, ``noise_rate_estimate`` (null unless the noise teacher estimated
-    it) and ``forget_rate`` (the rate small-loss selection ramped to; null for other methods). With
-    ``folds: k >= 2`` both are the mean over the fold models, and ``folds``,
+    it), ``noise_rate_estimate_per_class`` (the per-class rates class-aware selection uses, or null)
+    and ``forget_rate`` (the rate small-loss selection ramped to; null for other methods). With
+    ``folds: k >= 2`` these are the mean over the fold models, and ``folds``,
     ``noise_rate_estimate_folds`` and ``forget_rate_folds`` (one value per fold model) are added.
     """
     tp = getattr(params.teachers, role)
@@ -91,6 +92,9 @@ def fit_teacher(
                     {
                         "role": role,
                         "noise_rate_estimate": getattr(obj, "noise_rate_estimate", None),
+                        "noise_rate_estimate_per_class": _plain(
+                            getattr(obj, "noise_rate_estimate_per_class", None)
+                        ),
                         "forget_rate": _forget_rate(obj, tp),
                     },
                 )
@@ -166,12 +170,14 @@ def _fit_cross_fitted(
                 _write_live(live_dir, merged)
             if estimate_out is not None:
                 estimates = [getattr(o, "noise_rate_estimate", None) for o in objectives]
+                per_class = [getattr(o, "noise_rate_estimate_per_class", None) for o in objectives]
                 forgets = [_forget_rate(o, tp) for o in objectives]
                 write_json(
                     estimate_out,
                     {
                         "role": role,
                         "noise_rate_estimate": _fold_mean(estimates),
+                        "noise_rate_estimate_per_class": _fold_mean(per_class),
                         "forget_rate": _fold_mean(forgets),
                         "folds": k,
                         "noise_rate_estimate_folds": [_plain(v) for v in estimates],

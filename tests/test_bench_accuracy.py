@@ -112,3 +112,14 @@ def test_summary_pairs_margins_by_seed_against_the_best_other_method():
     assert row["methods"]["dsink"]["val_top1"]["mean"] == pytest.approx((0.79 + 0.70) / 2)
     text = bench.markdown([row])
     assert "+2.50 ± 4.95 (noise_teacher)" in text and "| 1/2 |" in text
+
+
+def test_queue_state_reads_the_last_column_of_dvc_queue_status():
+    lines = [
+        "Task     Name                        Created    Status",
+        "3ca0089  mem-r100-sym0.4-s0          10:54 AM   Running",
+        "dbb334d  mem-r100-asym0.4-s0         10:54 AM   Queued",
+        "52ccf07  mem_vnone-r100-sym0.4-s0    10:54 AM   Success",
+        "Worker status: 2 active, 0 idle",
+    ]
+    assert [bench.queue_state(ln) for ln in lines] == [None, "Running", "Queued", "Success", None]

@@ -237,6 +237,7 @@ def _setup(d: Path, write_params, **extra) -> Path:
         "teachers.noise.epochs": 4,
         "teachers.noise.batch_size": 16,
         "teachers.noise.track_every": 0,
+        "teachers.noise.folds": 1,  # one model: these tests count its estimates (folds: test_cross_fit)
     }
     overrides.update(extra)
     write_params(d, overrides)
