@@ -32,6 +32,7 @@ import csv
 import io
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -44,13 +45,6 @@ ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
 DVC = str(VENV_BIN / "dvc")
 
-TRAININGS = (
-    "teachers.imbalance",
-    "teachers.noise",
-    "baselines.ce",
-    "baselines.la_small_loss",
-    "distill",
-)
 METHODS = (
     ("ce", "plain CE"),
     ("imbalance_teacher", "imbalance teacher (LA)"),
@@ -156,16 +150,17 @@ def overrides(
     if regime.noise_ramp_half:
         for sec in ("teachers.noise", "baselines.la_small_loss"):
             sets.append(f"{sec}.ramp_epochs={max(1, ep // 2)}")
-    for sec in TRAININGS:
-        track = regime.ce_track_every if sec == "baselines.ce" else regime.track_every
-        sets += [
-            f"{sec}.model={regime.model}",
-            f"{sec}.epochs={ep}",
-            f"{sec}.augment={str(regime.augment).lower()}",
-            f"{sec}.track_every={track}",
-        ]
-        if fast:
-            sets += [f"{sec}.bf16=auto", f"{sec}.channels_last=auto"]
+    # every model's backbone and schedule, once, in the shared `train` section
+    sets += [
+        f"train.model={regime.model}",
+        f"train.epochs={ep}",
+        f"train.augment={str(regime.augment).lower()}",
+        f"train.track_every={regime.track_every}",
+        # plain CE's own curve: an override params.yaml does not write, so added with `++`
+        f"++baselines.ce.track_every={regime.ce_track_every}",
+    ]
+    if fast:
+        sets += ["train.bf16=auto", "train.channels_last=auto"]
     return sets + list(extra or [])
 
 
@@ -266,14 +261,36 @@ def _git_show(rev: str, path: str) -> str | None:
     return out.stdout if out.returncode == 0 else None
 
 
+def find_experiments(repo: Path) -> dict[str, str]:
+    """Experiment name -> commit of every finished DVC experiment of ``repo`` (the newest of a name wins),
+    read from DVC's git refs ``refs/exps/<baseline[:2]>/<baseline[2:]>/<name>`` (queue internals such as
+    ``refs/exps/celery/...`` are skipped). Queued and running experiments have no such ref yet: `dvc exp
+    show` lists them with the workspace's metrics, which must not be mistaken for theirs."""
+    out = subprocess.run(
+        ["git", "for-each-ref", "--sort=committerdate", "--format=%(objectname) %(refname)", "refs/exps"],
+        cwd=repo,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    found = {}
+    for line in out.splitlines():
+        sha, ref = line.split(" ", 1)
+        parts = ref.split("/")
+        if len(parts) == 5 and re.fullmatch(r"[0-9a-f]{40}", parts[2] + parts[3]):
+            found[parts[4]] = sha  # oldest first: a rerun under the same name replaces it
+    return found
+
+
 def _load(prefix: str) -> dict[str, dict[str, Any]]:
     out = subprocess.run(
         [DVC, "exp", "show", "--json", "-A"], cwd=ROOT, check=True, capture_output=True, text=True
     ).stdout
+    finished = find_experiments(ROOT)
     runs = {}
     for exp in _experiments(json.loads(out)):
         name = exp["name"]
-        if not name.startswith(prefix + "-"):
+        if not name.startswith(prefix + "-") or finished.get(name) != exp.get("rev"):
             continue
         data = exp["data"]
         metrics = ((data.get("metrics") or {}).get("metrics/evaluate.json") or {}).get("data")

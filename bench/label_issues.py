@@ -49,7 +49,6 @@ import argparse
 import dataclasses
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -141,16 +140,17 @@ class _CrossEntropy:
 def ce_fit_predict(corpus: Any, params: Any, seed: int) -> FitPredict:
     """A :data:`FitPredict` that trains plain CE with ``baselines.ce``'s model and schedule on the given
     training rows (``dsink.engine.train``, model initialised from ``seed``) and returns the eval-mode
-    logits of the held-out rows (``dsink.engine.predict_logits``, float32, as ``dump_logits`` does)."""
+    logits of the held-out rows (``dsink.inference.predict_logits``, float32, as ``dump_logits`` does)."""
     import torch
 
-    from dsink import engine
+    from dsink import engine, inference
     from dsink.data.views import TrainingSet
     from dsink.models import build_model
+    from dsink.runtime import Runtime
 
     tp = params.baselines.ce
     index, source = corpus.index, corpus.source
-    rt = engine.Runtime(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    rt = Runtime(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
 
     def fit_predict(train_rows: np.ndarray, held_rows: np.ndarray, fold: int) -> np.ndarray:
         data = TrainingSet(
@@ -165,7 +165,7 @@ def ce_fit_predict(corpus: Any, params: Any, seed: int) -> FitPredict:
         result = engine.train(
             model, _CrossEntropy(), data, corpus.normalizer, tp, seed, rt, desc=f"ce fold {fold + 1}"
         )
-        return engine.predict_logits(
+        return inference.predict_logits(
             result.model,
             source.train,
             index.sample_id[held_rows],
@@ -505,23 +505,10 @@ def grid_names(
 
 
 def find_experiments(repo: Path) -> dict[str, str]:
-    """Experiment name -> commit of every finished DVC experiment of ``repo`` (the newest of a name wins),
-    read from DVC's git refs ``refs/exps/<baseline[:2]>/<baseline[2:]>/<name>`` (queue internals such as
-    ``refs/exps/celery/...`` are skipped)."""
-    out = subprocess.run(
-        ["git", "for-each-ref", "--sort=committerdate", "--format=%(objectname) %(refname)", "refs/exps"],
-        cwd=repo,
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout
-    found = {}
-    for line in out.splitlines():
-        sha, ref = line.split(" ", 1)
-        parts = ref.split("/")
-        if len(parts) == 5 and re.fullmatch(r"[0-9a-f]{40}", parts[2] + parts[3]):
-            found[parts[4]] = sha  # oldest first: a rerun under the same name replaces it
-    return found
+    """Experiment name -> commit of every finished DVC experiment of ``repo`` (bench/accuracy.py's)."""
+    import accuracy
+
+    return accuracy.find_experiments(repo)
 
 
 def materialise(repo: Path, rev: str, dest: Path) -> tuple[Path, bool]:
