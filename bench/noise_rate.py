@@ -43,11 +43,13 @@ class _Done(Exception):
 def measure(label: str, out: Path, params_file: Path, upto: int) -> dict:
     import torch
 
-    from dsink.engine import Runtime, predict_logits, train
+    from dsink.engine import train
+    from dsink.inference import predict_logits
     from dsink.models import build_model
     from dsink.noise_rate import MIXTURES, estimate_noise_rate
     from dsink.params import load_params
     from dsink.runs import open_corpus
+    from dsink.runtime import Runtime
     from dsink.teachers import noise_recipe
     from stages import corrupt
 

@@ -18,7 +18,7 @@ the load average before and after, are in the JSON. Seconds per epoch = step tim
 the real training sets (Fashion-MNIST-LT ratio 100: 14,886 images = 117 steps; CIFAR-10-LT ratio 100:
 12,406 images = 97 steps).
 
-It also runs what ``bf16: auto`` / ``channels_last: auto`` run before a training (``dsink.engine``'s
+It also runs what ``bf16: auto`` / ``channels_last: auto`` run before a training (``dsink.precision``'s
 ``step_timer`` + ``pick_precision`` on one batch) and records the decision and the seconds it took.
 
 The CPU model and the flags that decide whether bf16 pays off on a CPU (``avx512_bf16``, ``amx_bf16``,
@@ -44,8 +44,8 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dsink.engine import Precision, pick_precision, precision_candidates, step_timer  # noqa: E402
 from dsink.models import build_model  # noqa: E402
+from dsink.precision import Precision, pick_precision, precision_candidates, step_timer  # noqa: E402
 
 SHAPES = {"small_cnn": (1, 28, 28), "resnet32": (3, 32, 32)}
 EPOCH_IMAGES = {"small_cnn": 14_886, "resnet32": 12_406}  # the LT training sets each model is used on

@@ -248,9 +248,10 @@ def bench_overhead(epochs: int) -> dict:
     from dsink.data.sources import synthetic
     from dsink.data.views import Normalizer, TrainingSet
     from dsink.distill import DsinkObjective
-    from dsink.engine import Runtime, train
+    from dsink.engine import train
     from dsink.models import build_model
     from dsink.params import DistillParams
+    from dsink.runtime import Runtime
 
     src = synthetic(10, 28, 1, 1000, 10)
     ids = np.arange(len(src.train), dtype=np.int64)
@@ -395,9 +396,10 @@ def bench_stages(epochs: int) -> dict:
     from dsink.data.sources import synthetic
     from dsink.data.views import Normalizer, TrainingSet
     from dsink.distill import DsinkObjective
-    from dsink.engine import Runtime, train
+    from dsink.engine import train
     from dsink.models import build_model
     from dsink.params import DistillParams, ImbalanceTeacherParams
+    from dsink.runtime import Runtime
 
     counts = class_counts("exp", 100.0, 5000, 10)
     src = synthetic(10, 32, 3, 5000, 10)

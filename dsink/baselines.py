@@ -27,15 +27,12 @@ import torch
 
 from dsink import losses
 from dsink.artifacts import CorruptedIndex
+from dsink.checkpoints import clear_checkpoint, save_state_dict
 from dsink.dump import model_logits, write_model_logits
-from dsink.engine import clear_checkpoint, save_state_dict, setup_runtime, teardown_runtime, train
-from dsink.models import build_model
+from dsink.fitting import fit_recipe, run_checkpoint_dir, training_run
 from dsink.params import BASELINES, LASmallLossBaselineParams, Params
 from dsink.priors import label_log_prior
-from dsink.runs import checkpoint_dir, open_corpus, stage_config
-from dsink.selection import estimate_hook
 from dsink.teachers import TeacherRecipe
-from dsink.tracking import epoch_tracker
 
 
 class _CEObjective:
@@ -101,35 +98,15 @@ def fit_baseline(
     params: Params, method: str, corrupted: str, model_out: str, logits_out: str, live_dir: str | None
 ) -> dict[str, Any]:
     """Train baseline ``method`` (resuming an interrupted run), save it, and dump its logits."""
-    rt = setup_runtime()
-    try:
-        corpus = open_corpus(params, corrupted)
+    with training_run(params, corrupted) as (rt, corpus):
         tp = getattr(params.baselines, method)
         recipe = baseline_recipe(method, params, corpus.index)
         obj = recipe.objective
-        estimating = bool(getattr(obj, "estimates", False))
-        torch.manual_seed(params.seed)
-        model = build_model(tp.model, corpus.index.num_classes, corpus.source.channels)
-        config = stage_config(params, "seed", "data", f"baselines.{method}")
-        ckpt = checkpoint_dir(f"train_baseline-{method}", config, [corrupted])
-        result = train(
-            model,
-            obj,
-            corpus.training_set(),
-            corpus.normalizer,
-            tp,
-            params.seed,
-            rt,
-            checkpoint_dir=ckpt,
-            live_dir=live_dir,
-            objective_state=recipe.state,
-            evaluate=epoch_tracker(corpus, rt.device, 512) if tp.track_every else None,
-            # the loss sees raw + train_offset (training-prior logits): so does the estimate
-            on_epoch_start=estimate_hook(obj, corpus, tp, rt, offset=recipe.train_offset)
-            if estimating
-            else None,
-            desc=f"baseline[{method}]",
-        )
+        ckpt = run_checkpoint_dir(params, f"train_baseline-{method}", f"baselines.{method}", corrupted)
+        # the loss sees raw + train_offset (training-prior logits): so does the estimate
+        desc = f"baseline[{method}]"
+        offset = recipe.train_offset
+        result = fit_recipe(rt, corpus, recipe, tp, params.seed, ckpt, live_dir, desc, estimate_offset=offset)
         if rt.is_main:
             net = getattr(result.model, "module", result.model)  # unwrap DDP: rank 0 predicts alone
             z = model_logits(net, corpus, params.dump.batch_size, f"dump[{method}]")
@@ -147,5 +124,3 @@ def fit_baseline(
             save_state_dict(result.model, model_out)
             clear_checkpoint(ckpt)
         return result.history[-1] if result.history else {}
-    finally:
-        teardown_runtime(rt)

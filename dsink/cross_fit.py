@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from dsink.engine import _atomic_torch_save
+from dsink.checkpoints import atomic_torch_save
 from dsink.errors import DsinkError
 
 FORMAT = "dsink.cross_fit"
@@ -78,7 +78,7 @@ def save_fold_models(
         "sample_id": torch.from_numpy(np.asarray(sample_id, dtype=np.int64).copy()),
         "models": [{k: v.detach().cpu() for k, v in s.items()} for s in states],
     }
-    _atomic_torch_save(bundle, Path(path))
+    atomic_torch_save(bundle, Path(path))
 
 
 def is_fold_bundle(obj: Any) -> bool:

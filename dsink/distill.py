@@ -46,21 +46,16 @@ import torch.nn.functional as F
 
 from dsink import losses, ot
 from dsink.artifacts import CorruptedIndex, TeacherLogits, read_logits
+from dsink.checkpoints import clear_checkpoint, save_state_dict
 from dsink.dump import model_logits, write_model_logits
-from dsink.engine import (
-    Runtime,
-    clear_checkpoint,
-    predict_logits,
-    save_state_dict,
-    setup_runtime,
-    teardown_runtime,
-    train,
-)
+from dsink.engine import train
 from dsink.errors import DsinkError
+from dsink.inference import predict_logits
 from dsink.models import build_model
 from dsink.params import DistillParams
 from dsink.priors import label_log_prior, log_prior
 from dsink.runs import Corpus, checkpoint_dir, open_corpus, stage_config
+from dsink.runtime import Runtime, setup_runtime, teardown_runtime
 from dsink.tracking import epoch_tracker
 
 

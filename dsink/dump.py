@@ -19,11 +19,13 @@ import numpy as np
 import torch
 
 from dsink.artifacts import logits_table, write_logits
+from dsink.checkpoints import load_state_dict
 from dsink.cross_fit import is_fold_bundle, read_fold_bundle
-from dsink.engine import Runtime, load_state_dict, predict_logits
 from dsink.errors import DsinkError
+from dsink.inference import predict_logits
 from dsink.models import build_model
 from dsink.runs import Corpus
+from dsink.runtime import Runtime
 
 
 def load_model(name: str, path: str, num_classes: int, channels: int) -> torch.nn.Module:

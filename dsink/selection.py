@@ -15,10 +15,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from dsink.engine import Runtime, predict_logits
+from dsink.inference import predict_logits
 from dsink.noise_rate import NoiseRateEstimate, estimate_noise_rates
 from dsink.params import SmallLossParams
 from dsink.runs import Corpus
+from dsink.runtime import Runtime
 
 
 def noise_rate_of_model(

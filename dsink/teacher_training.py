@@ -13,26 +13,21 @@ in the fold it was in). The noise rate is estimated per fold model from the rows
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
 from dsink.artifacts import write_json
+from dsink.checkpoints import clear_checkpoint, cpu_state_dict, save_state_dict
 from dsink.cross_fit import assign_folds, fold_seed, save_fold_models, training_rows
-from dsink.engine import (
-    _open_live,
-    clear_checkpoint,
-    save_state_dict,
-    setup_runtime,
-    teardown_runtime,
-    train,
-)
-from dsink.models import build_model
-from dsink.runs import checkpoint_dir, open_corpus, stage_config
-from dsink.selection import estimate_hook, noise_rate_of_model
+from dsink.fitting import fit_recipe, run_checkpoint_dir, training_run
+from dsink.live import write_curves
+from dsink.runs import Corpus
+from dsink.runtime import Runtime
+from dsink.selection import noise_rate_of_model
 from dsink.teachers import recipe_for
-from dsink.tracking import epoch_tracker
 
 
 def fit_teacher(
@@ -55,35 +50,12 @@ def fit_teacher(
     if tp.folds >= 2:
         return _fit_cross_fitted(params, role, corrupted, model_out, live_dir, estimate_out)
 
-    rt = setup_runtime()
-    try:
-        corpus = open_corpus(params, corrupted)
+    with training_run(params, corrupted) as (rt, corpus):
         recipe = recipe_for(role, tp, corpus.index)
         obj = recipe.objective
-        estimating = bool(getattr(obj, "estimates", False))
-        torch.manual_seed(params.seed)
-        model = build_model(tp.model, corpus.index.num_classes, corpus.source.channels)
-        ckpt = checkpoint_dir(
-            f"train_teacher-{role}", stage_config(params, "seed", "data", f"teachers.{role}"), [corrupted]
-        )
-        result = train(
-            model,
-            obj,
-            corpus.training_set(),
-            corpus.normalizer,
-            tp,
-            params.seed,
-            rt,
-            checkpoint_dir=ckpt,
-            live_dir=live_dir,
-            objective_state=recipe.state,
-            evaluate=epoch_tracker(corpus, rt.device, 512) if tp.track_every else None,
-            on_epoch_start=estimate_hook(obj, corpus, tp, rt) if estimating else None,
-            desc=f"teacher[{role}]",
-        )
-        if estimating and obj.noise_rate_estimate is None:
-            # training ended before estimate_epochs: all of it was plain CE; record the estimate anyway
-            obj.set_estimate(noise_rate_of_model(result.model, corpus, tp.estimate_mixture, rt))
+        ckpt = _checkpoint_root(params, role, corrupted)
+        result = fit_recipe(rt, corpus, recipe, tp, params.seed, ckpt, live_dir, f"teacher[{role}]")
+        _finish_estimate(obj, result.model, corpus, tp, rt)
         if rt.is_main:
             save_state_dict(result.model, model_out)
             if estimate_out is not None:
@@ -100,8 +72,20 @@ def fit_teacher(
                 )
             clear_checkpoint(ckpt)
         return result.history[-1] if result.history else {}
-    finally:
-        teardown_runtime(rt)
+
+
+def _checkpoint_root(params: Any, role: str, corrupted: str) -> Path:
+    """The ``role`` teacher's checkpoint directory (with folds: one ``fold_<j>`` subdirectory per model)."""
+    return run_checkpoint_dir(params, f"train_teacher-{role}", f"teachers.{role}", corrupted)
+
+
+def _finish_estimate(
+    obj: Any, model: torch.nn.Module, corpus: Corpus, tp: Any, rt: Runtime, rows: np.ndarray | None = None
+) -> None:
+    """A run that ended before ``estimate_epochs`` trained on every sample: estimate from the trained
+    model anyway, so the estimate is always recorded."""
+    if getattr(obj, "estimates", False) and obj.noise_rate_estimate is None:
+        obj.set_estimate(noise_rate_of_model(model, corpus, tp.estimate_mixture, rt, rows))
 
 
 def _forget_rate(obj: Any, tp: Any) -> Any:
@@ -122,52 +106,31 @@ def _fit_cross_fitted(
     The fold models' per-epoch records go to ``live_dir`` once all are trained: the mean over the
     folds under the usual names (what ``evaluate`` plots) and each fold's own as ``fold_<j>/<name>``.
     """
-    rt = setup_runtime()
-    try:
-        corpus = open_corpus(params, corrupted)
+    with training_run(params, corrupted) as (rt, corpus):
         tp = getattr(params.teachers, role)
         k = tp.folds
         fold = assign_folds(corpus.index.noisy_label, k, params.seed)
-        root = checkpoint_dir(
-            f"train_teacher-{role}", stage_config(params, "seed", "data", f"teachers.{role}"), [corrupted]
-        )
+        root = _checkpoint_root(params, role, corrupted)
         states: list[dict[str, torch.Tensor]] = []
         histories: list[list[dict[str, float]]] = []
         objectives: list[Any] = []
         for j in range(k):
             rows = training_rows(fold, j)
             recipe = recipe_for(role, tp, corpus.index)
-            obj = recipe.objective
-            estimating = bool(getattr(obj, "estimates", False))
-            seed = fold_seed(params.seed, j)
-            torch.manual_seed(seed)
-            model = build_model(tp.model, corpus.index.num_classes, corpus.source.channels)
-            result = train(
-                model,
-                obj,
-                corpus.training_set(rows),
-                corpus.normalizer,
-                tp,
-                seed,
-                rt,
-                checkpoint_dir=root / f"fold_{j}",
-                live_dir=None,
-                objective_state=recipe.state,
-                evaluate=epoch_tracker(corpus, rt.device, 512) if tp.track_every else None,
-                on_epoch_start=estimate_hook(obj, corpus, tp, rt, rows) if estimating else None,
-                desc=f"teacher[{role}] fold {j + 1}/{k}",
+            desc = f"teacher[{role}] fold {j + 1}/{k}"
+            result = fit_recipe(
+                rt, corpus, recipe, tp, fold_seed(params.seed, j), root / f"fold_{j}", None, desc, rows
             )
-            if estimating and obj.noise_rate_estimate is None:
-                obj.set_estimate(noise_rate_of_model(result.model, corpus, tp.estimate_mixture, rt, rows))
-            states.append({name: v.detach().cpu() for name, v in result.model.state_dict().items()})
+            _finish_estimate(recipe.objective, result.model, corpus, tp, rt, rows)
+            states.append(cpu_state_dict(result.model))
             histories.append(result.history)
-            objectives.append(obj)
-            del model, result
+            objectives.append(recipe.objective)
+            del result
         merged = _merge_histories(histories)
         if rt.is_main:
             save_fold_models(states, fold, corpus.index.sample_id, model_out)
             if live_dir is not None:
-                _write_live(live_dir, merged)
+                write_curves(live_dir, merged)
             if estimate_out is not None:
                 estimates = [getattr(o, "noise_rate_estimate", None) for o in objectives]
                 per_class = [getattr(o, "noise_rate_estimate_per_class", None) for o in objectives]
@@ -186,8 +149,6 @@ def _fit_cross_fitted(
                 )
             clear_checkpoint(root)
         return merged[-1] if merged else {}
-    finally:
-        teardown_runtime(rt)
 
 
 def _plain(value: Any) -> Any:
@@ -217,8 +178,3 @@ def _merge_histories(histories: list[list[dict[str, float]]]) -> list[dict[str, 
             record.update({f"fold_{j}/{key}": float(v) for key, v in r.items() if key != "epoch"})
         merged.append(record)
     return merged
-
-
-def _write_live(live_dir: str, history: list[dict[str, float]]) -> None:
-    """The merged curves as a fresh dvclive run in ``live_dir`` (one step per epoch)."""
-    _open_live(live_dir, history).end()

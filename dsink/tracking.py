@@ -10,8 +10,8 @@ from typing import Any
 
 import numpy as np
 
-from dsink.engine import predict_logits
 from dsink.evaluation import balanced_logits, label_repair
+from dsink.inference import predict_logits
 
 
 def epoch_tracker(

@@ -143,12 +143,13 @@ def test_end_to_end_on_a_tiny_workspace(tmp_path, write_params, monkeypatch, cap
     from cleanlab.filter import find_label_issues
 
     import dsink.engine
+    import dsink.inference
 
     ws = _workspace(tmp_path, write_params)
     idx = read_corrupted(ws / "data/corrupted/train.parquet")
     # record which sample ids each fold's model trained on and which ones it was asked to predict
     trained, predicted = [], []
-    real_train, real_predict = dsink.engine.train, dsink.engine.predict_logits
+    real_train, real_predict = dsink.engine.train, dsink.inference.predict_logits
 
     def spy_train(model, objective, data, *a, **kw):
         trained.append(np.asarray(data.ids).copy())
@@ -159,7 +160,7 @@ def test_end_to_end_on_a_tiny_workspace(tmp_path, write_params, monkeypatch, cap
         return real_predict(model, split, ids, *a, **kw)
 
     monkeypatch.setattr(dsink.engine, "train", spy_train)
-    monkeypatch.setattr(dsink.engine, "predict_logits", spy_predict)
+    monkeypatch.setattr(dsink.inference, "predict_logits", spy_predict)
     out = tmp_path / "result.json"
     bench.main(["--workspace", str(ws), "--folds", "2", "--out", str(out)])
     table = capsys.readouterr().out

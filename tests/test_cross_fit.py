@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from dsink import engine
+from dsink import checkpoints, engine, fitting, inference, runtime
 from dsink import teacher_training as tt
 from dsink.artifacts import read_corrupted, read_logits
 from dsink.cross_fit import assign_folds, fold_seed, is_fold_bundle, save_fold_models, training_rows
@@ -110,7 +110,7 @@ def _fit(d: Path, monkeypatch, crash_fold: int | None = None) -> list[dict]:
     its second epoch. Returns, per ``train`` call, its training rows and seed."""
     calls: list[dict] = []
     estimated: list[np.ndarray | None] = []
-    real_train, real_of_model = tt.train, tt.noise_rate_of_model
+    real_train, real_of_model = fitting.train, tt.noise_rate_of_model
 
     def recording_train(model, objective, data, normalizer, p, seed, rt, **kw):
         calls.append({"rows": data.rows, "ids": data.ids, "labels": data.labels, "seed": seed})
@@ -129,7 +129,7 @@ def _fit(d: Path, monkeypatch, crash_fold: int | None = None) -> list[dict]:
         estimated.append(rows)
         return real_of_model(model, corpus, mixture, rt, rows, *args, **kwargs)
 
-    monkeypatch.setattr(tt, "train", recording_train)
+    monkeypatch.setattr(fitting, "train", recording_train)
     monkeypatch.setattr("dsink.selection.noise_rate_of_model", recording_of_model)
     monkeypatch.setattr(tt, "noise_rate_of_model", recording_of_model)
     monkeypatch.chdir(d)
@@ -207,7 +207,7 @@ def test_fold_models_give_out_of_fold_train_logits_and_averaged_test_logits(
     dev = torch.device("cpu")
 
     def predict(m, split, ids):
-        return engine.predict_logits(m, split, ids, corpus.normalizer, dev, 7)
+        return inference.predict_logits(m, split, ids, corpus.normalizer, dev, 7)
 
     train_by = [predict(m, corpus.source.train, idx.sample_id) for m in models]
     expected_train = np.stack([train_by[fold[i]][i] for i in range(n)])
@@ -249,7 +249,7 @@ def test_one_fold_is_the_one_model_path(tmp_path, monkeypatch, write_params):
     recipe = recipe_for("noise", tp, corpus.index)
     torch.manual_seed(params.seed)
     model = build_model(tp.model, corpus.index.num_classes, corpus.source.channels)
-    rt = engine.Runtime(torch.device("cpu"))
+    rt = runtime.Runtime(torch.device("cpu"))
     from dsink.selection import estimate_hook
 
     result = engine.train(
@@ -263,7 +263,7 @@ def test_one_fold_is_the_one_model_path(tmp_path, monkeypatch, write_params):
         objective_state=recipe.state,
         on_epoch_start=estimate_hook(recipe.objective, corpus, tp, rt),
     )
-    engine.save_state_dict(result.model, "old.pt")
+    checkpoints.save_state_dict(result.model, "old.pt")
     assert Path("data/teachers/noise/model.pt").read_bytes() == Path("old.pt").read_bytes()
     est = json.loads(Path("data/teachers/noise/estimate.json").read_text())
     assert set(est) == {"role", "noise_rate_estimate", "forget_rate"}
@@ -312,7 +312,7 @@ def test_dump_refuses_a_model_file_that_does_not_fit_the_folds(
     path = "data/teachers/noise/model.pt"
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     if file_folds == 1:
-        engine.save_state_dict(build_model("small_cnn", 3, 1), path)
+        checkpoints.save_state_dict(build_model("small_cnn", 3, 1), path)
     else:
         states = [build_model("small_cnn", 3, 1).state_dict() for _ in range(file_folds)]
         ids = idx.sample_id[:-1] if other_index else idx.sample_id

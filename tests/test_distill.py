@@ -26,9 +26,9 @@ from dsink.artifacts import (
     write_logits,
 )
 from dsink.distill import DsinkObjective, gather_rows, shard_bounds, train_space_logits
-from dsink.engine import Runtime
 from dsink.errors import DsinkError
 from dsink.params import DistillParams, SinkhornParams
+from dsink.runtime import Runtime
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -615,7 +615,7 @@ def test_shards_partition_the_rows():
 DDP_SCRIPT = """
 import sys, numpy as np, torch, torch.distributed as dist
 from dsink.distill import DsinkObjective, gather_rows, shard_bounds
-from dsink.engine import setup_runtime, teardown_runtime
+from dsink.runtime import setup_runtime, teardown_runtime
 from dsink.params import DistillParams, SinkhornParams
 
 rt = setup_runtime()

@@ -14,9 +14,11 @@ import torch
 from dsink import losses
 from dsink.data.sources import synthetic
 from dsink.data.views import Normalizer, TrainingSet, augment, epoch_order
-from dsink.engine import Runtime, lr_lambda, predict_logits, train
+from dsink.engine import lr_lambda, train
+from dsink.inference import predict_logits
 from dsink.models import build_model
 from dsink.params import TrainParams
+from dsink.runtime import Runtime
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -124,7 +126,9 @@ DDP_SCRIPT = """
 import sys, torch, numpy as np
 sys.path.insert(0, {tests!r})
 from test_engine import tiny_set, ce_objective, params
-from dsink.engine import setup_runtime, teardown_runtime, train, save_state_dict
+from dsink.checkpoints import save_state_dict
+from dsink.engine import train
+from dsink.runtime import setup_runtime, teardown_runtime
 from dsink.models import build_model
 rt = setup_runtime()
 src, ts, norm = tiny_set()
@@ -177,7 +181,7 @@ def test_torchrun_two_processes_matches_single_process(tmp_path):
 
 
 def test_saved_model_files_are_byte_identical(tmp_path):
-    from dsink.engine import save_state_dict
+    from dsink.checkpoints import save_state_dict
 
     torch.manual_seed(0)
     model = build_model("small_cnn", 3, 1)

@@ -155,7 +155,7 @@ def test_distill_sigkill_then_rerun_equals_uninterrupted(tmp_path):
 @pytest.mark.parametrize("delay", [0.5, 2.0, 3.5])
 def test_dump_logits_killed_at_any_point_leaves_nothing_partial(tmp_path, delay):
     """SIGKILL at several moments: the output is either absent or complete, never partial; rerun completes."""
-    from dsink.engine import save_state_dict
+    from dsink.checkpoints import save_state_dict
     from dsink.models import build_model
 
     d = setup_dir(tmp_path / "d")

@@ -10,9 +10,10 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dsink.engine import Precision, Runtime, resolve_precision
 from dsink.errors import DsinkError
 from dsink.params import NOISE_TYPES, Params, from_dict, load_params, to_dict
+from dsink.precision import Precision, resolve_precision
+from dsink.runtime import Runtime
 
 
 def load_error(tmp_path, write_params, overrides) -> str:

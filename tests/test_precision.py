@@ -19,17 +19,17 @@ import torch.multiprocessing as mp
 from dsink import losses
 from dsink.data.sources import synthetic
 from dsink.data.views import Normalizer, TrainingSet
-from dsink.engine import (
+from dsink.engine import train
+from dsink.models import build_model
+from dsink.params import TrainParams
+from dsink.precision import (
     Precision,
-    Runtime,
     pick_precision,
     precision_candidates,
     resolve_precision,
     step_timer,
-    train,
 )
-from dsink.models import build_model
-from dsink.params import TrainParams
+from dsink.runtime import Runtime
 
 FP32, BF16, CL, BOTH = Precision(), Precision(True, False), Precision(False, True), Precision(True, True)
 CPU = Runtime(torch.device("cpu"))

@@ -113,7 +113,7 @@ def test_dump_refuses_a_malicious_model_file(work, capsys):
 
 
 def test_dump_rejects_a_model_of_another_shape(work, capsys):
-    from dsink.engine import save_state_dict
+    from dsink.checkpoints import save_state_dict
     from dsink.models import build_model
 
     save_state_dict(build_model("small_cnn", C + 2, 1), "data/teachers/noise/model.pt")

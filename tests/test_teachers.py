@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from dsink import losses, selection
+from dsink import fitting, losses, selection
 from dsink import teacher_training as tt
 from dsink.artifacts import CorruptedIndex, read_corrupted, read_logits
 from dsink.noise_rate import NoiseRateEstimate
@@ -258,14 +258,14 @@ def _fit(d: Path, monkeypatch, crash_at: int | None = None, before_estimate: boo
     """fit_teacher in ``d``; ``crash_at``: raise at the start of that epoch (after the estimate hook when
     ``before_estimate`` is false). Returns the epochs at which the noise rate was computed."""
     computed: list[int] = []
-    real_hook, real_of_model = tt.estimate_hook, tt.noise_rate_of_model
+    real_hook, real_of_model = fitting.estimate_hook, tt.noise_rate_of_model
 
     def counting_of_model(*args, **kwargs):
         computed.append(len(computed))
         return real_of_model(*args, **kwargs)
 
-    def hook(objective, corpus, tp, rt, rows=None):
-        inner = real_hook(objective, corpus, tp, rt, rows)
+    def hook(objective, corpus, tp, rt, rows=None, offset=None):
+        inner = real_hook(objective, corpus, tp, rt, rows, offset)
 
         def on_epoch_start(model, epoch):
             if epoch == crash_at and before_estimate:
@@ -276,7 +276,7 @@ def _fit(d: Path, monkeypatch, crash_at: int | None = None, before_estimate: boo
 
         return on_epoch_start
 
-    monkeypatch.setattr(tt, "estimate_hook", hook)
+    monkeypatch.setattr(fitting, "estimate_hook", hook)
     monkeypatch.setattr(tt, "noise_rate_of_model", counting_of_model)
     monkeypatch.setattr(selection, "noise_rate_of_model", counting_of_model)
     monkeypatch.chdir(d)
@@ -355,7 +355,7 @@ def test_training_shorter_than_the_warm_up_records_the_estimate(tmp_path, monkey
     ],
 )
 def test_dump_refuses_a_bad_estimate_file(content, must, tmp_path, monkeypatch, write_params, capsys):
-    from dsink.engine import save_state_dict
+    from dsink.checkpoints import save_state_dict
     from dsink.models import build_model
 
     d = _setup(tmp_path, write_params)
@@ -373,10 +373,10 @@ def test_dump_refuses_a_bad_estimate_file(content, must, tmp_path, monkeypatch, 
 
 DDP_SCRIPT = """
 import sys, torch, torch.distributed as dist
-from dsink.engine import setup_runtime, teardown_runtime
 from dsink.models import build_model
 from dsink.params import load_params
 from dsink.runs import open_corpus
+from dsink.runtime import setup_runtime, teardown_runtime
 from dsink.selection import noise_rate_of_model
 
 rt = setup_runtime()
