@@ -36,6 +36,25 @@ def parser(description: str) -> argparse.ArgumentParser:
     return p
 
 
+# The pipeline files stages read, by flag: (default path, help). One entry per file, so every stage that
+# reads it offers the same flag with the same default.
+INPUTS: dict[str, tuple[str, str]] = {
+    "corrupted": ("data/corrupted/train.parquet", "corrupted index"),
+    "val": ("data/corrupted/val.parquet", "validation split"),
+    "imbalance-logits": ("data/logits/imbalance.parquet", "f_L logits"),
+    "noise-logits": ("data/logits/noise.parquet", "f_N logits"),
+    "student-logits": ("data/student/logits.parquet", "student logits"),
+}
+
+
+def add_inputs(p: argparse.ArgumentParser, *flags: str, helps: dict[str, str] | None = None) -> None:
+    """Add ``--<flag>`` for each of ``flags`` (keys of :data:`INPUTS`), in that order, with its default
+    path; ``helps`` replaces the help text of some of them."""
+    for flag in flags:
+        default, text = INPUTS[flag]
+        p.add_argument(f"--{flag}", default=default, help=(helps or {}).get(flag, text))
+
+
 def run(
     main: Callable[[argparse.Namespace], None], p: argparse.ArgumentParser, argv: Sequence[str] | None = None
 ) -> None:

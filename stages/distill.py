@@ -26,9 +26,7 @@ def main(args: argparse.Namespace) -> None:
 
 def cli(argv: list[str] | None = None) -> None:
     p = stage.parser(__doc__)
-    p.add_argument("--corrupted", default="data/corrupted/train.parquet", help="corrupted index")
-    p.add_argument("--imbalance-logits", default="data/logits/imbalance.parquet", help="f_L logits")
-    p.add_argument("--noise-logits", default="data/logits/noise.parquet", help="f_N logits")
+    stage.add_inputs(p, "corrupted", "imbalance-logits", "noise-logits")
     p.add_argument("--out", default="data/student/model.pt", help="student state dict")
     p.add_argument("--logits-out", default="data/student/logits.parquet", help="student logits")
     p.add_argument("--live", default="dvclive/student", help="dvclive directory")

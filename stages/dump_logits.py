@@ -74,7 +74,7 @@ def main(args: argparse.Namespace) -> None:
 def cli(argv: list[str] | None = None) -> None:
     p = stage.parser(__doc__)
     p.add_argument("--role", required=True, choices=("imbalance", "noise"), help="which teacher")
-    p.add_argument("--corrupted", default="data/corrupted/train.parquet", help="corrupted index")
+    stage.add_inputs(p, "corrupted")
     p.add_argument(
         "--model",
         default=None,

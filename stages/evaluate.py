@@ -120,11 +120,7 @@ def noise_rate_report(teacher_meta: dict, index_meta: dict, where: str) -> dict:
 
 def cli(argv: list[str] | None = None) -> None:
     p = stage.parser(__doc__)
-    p.add_argument("--corrupted", default="data/corrupted/train.parquet", help="corrupted index")
-    p.add_argument("--val", default="data/corrupted/val.parquet", help="validation split")
-    p.add_argument("--student-logits", default="data/student/logits.parquet", help="student logits")
-    p.add_argument("--imbalance-logits", default="data/logits/imbalance.parquet", help="f_L logits")
-    p.add_argument("--noise-logits", default="data/logits/noise.parquet", help="f_N logits")
+    stage.add_inputs(p, "corrupted", "val", "student-logits", "imbalance-logits", "noise-logits")
     p.add_argument(
         "--baselines", default="data/baselines", help="train_baseline outputs (<m>/logits.parquet)"
     )

@@ -81,11 +81,15 @@ def main(args: argparse.Namespace) -> None:
 
 def cli(argv: list[str] | None = None) -> None:
     p = stage.parser(__doc__)
-    p.add_argument("--corrupted", default="data/corrupted/train.parquet", help="corrupted index")
-    p.add_argument("--val", default="data/corrupted/val.parquet", help="validation split (if any)")
-    p.add_argument("--imbalance-logits", default="data/logits/imbalance.parquet", help="f_L logits")
-    p.add_argument("--noise-logits", default="data/logits/noise.parquet", help="f_N logits")
-    p.add_argument("--student-logits", default="data/student/logits.parquet", help="student logits")
+    stage.add_inputs(
+        p,
+        "corrupted",
+        "val",
+        "imbalance-logits",
+        "noise-logits",
+        "student-logits",
+        helps={"val": "validation split (if any)"},
+    )
     p.add_argument("--out", default="data/label_issues.parquet", help="one row per training sample")
     p.add_argument("--csv", default="data/label_issues.csv", help="the flagged samples, highest score first")
     p.add_argument("--metrics", default="metrics/label_issues.json", help="metrics file")

@@ -32,7 +32,7 @@ def main(args: argparse.Namespace) -> None:
 def cli(argv: list[str] | None = None) -> None:
     p = stage.parser(__doc__)
     p.add_argument("--method", required=True, choices=("ce", "la_small_loss"), help="which baseline to train")
-    p.add_argument("--corrupted", default="data/corrupted/train.parquet", help="corrupted index")
+    stage.add_inputs(p, "corrupted")
     p.add_argument("--out", default=None, help="model path (default: data/baselines/<method>/model.pt)")
     p.add_argument(
         "--logits-out", default=None, help="logits Parquet (default: data/baselines/<method>/logits.parquet)"

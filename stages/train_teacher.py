@@ -39,7 +39,7 @@ def main(args: argparse.Namespace) -> None:
 def cli(argv: list[str] | None = None) -> None:
     p = stage.parser(__doc__)
     p.add_argument("--role", required=True, choices=("imbalance", "noise"), help="which teacher to train")
-    p.add_argument("--corrupted", default="data/corrupted/train.parquet", help="corrupted index")
+    stage.add_inputs(p, "corrupted")
     p.add_argument("--out", default=None, help="model path (default: data/teachers/<role>/model.pt)")
     p.add_argument("--live", default=None, help="dvclive directory (default: dvclive/teacher_<role>)")
     p.add_argument(
