@@ -6,10 +6,16 @@ closest valid key for typos) instead of surfacing as a crash deep in training.
 
 The schema is a tree of dataclasses. Field metadata carries the checks (``choices``, ``ge``/``gt``/``le``/
 ``lt``), so the rules live next to the defaults and the loader stays generic.
+
+Training settings (:class:`TrainParams`) are written once, in the top-level ``train`` section; each trained
+model's section (:data:`TRAINED_SECTIONS`) may set any of those keys again, and its value wins for that model
+only. The loader resolves this, so ``params.teachers.noise.epochs`` is always the noise teacher's effective
+value and no consumer needs to know where it was written.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import math
@@ -107,7 +113,11 @@ class DataParams:
 
 @dataclass
 class TrainParams:
-    """What every training run (teachers and student) shares: the engine's knobs."""
+    """What every training run (teachers, baselines and student) shares: the engine's knobs.
+
+    In ``params.yaml`` these keys live in the shared ``train`` section; a model's own section may override
+    any of them (see :func:`from_dict`).
+    """
 
     model: str = _opt("small_cnn", choices=MODEL_NAMES)
     epochs: int = _opt(30, ge=1)
@@ -248,11 +258,24 @@ class DumpParams:
 class Params:
     seed: int = _opt(0, ge=0)
     data: DataParams = _sub(DataParams)
+    # the training settings every model inherits; the sections below hold the effective (resolved) values
+    train: TrainParams = _sub(TrainParams)
     teachers: TeachersParams = _sub(TeachersParams)
     dump: DumpParams = _sub(DumpParams)
     baselines: BaselinesParams = _sub(BaselinesParams)
     distill: DistillParams = _sub(DistillParams)
     evaluate: EvaluateParams = _sub(EvaluateParams)
+
+
+# The sections that train a model: each inherits ``train`` and may override any of its keys.
+TRAINED_SECTIONS = (
+    "teachers.imbalance",
+    "teachers.noise",
+    "baselines.ce",
+    "baselines.la_small_loss",
+    "distill",
+)
+TRAIN_KEYS = tuple(f.name for f in dataclasses.fields(TrainParams))
 
 
 def _fmt(value: Any) -> str:
@@ -362,8 +385,12 @@ def _check_range(path: str, value: Any, meta: typing.Mapping[str, Any]) -> None:
         raise _bad(path, value, "a value " + " and ".join(bounds))
 
 
-def from_dict(cls: type, raw: Any, path: str = "") -> Any:
-    """Build dataclass ``cls`` from a YAML mapping, rejecting unknown keys with the closest valid one."""
+def from_dict(cls: type, raw: Any, path: str = "", train: TrainParams | None = None) -> Any:
+    """Build dataclass ``cls`` from a YAML mapping, rejecting unknown keys with the closest valid one.
+
+    For :class:`Params`, the ``train`` section is built first and handed down: a training section (a
+    :class:`TrainParams` subclass) takes every training key it does not set from it.
+    """
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
@@ -378,44 +405,63 @@ def from_dict(cls: type, raw: Any, path: str = "") -> Any:
             raise DsinkError(
                 f"params.yaml: unknown key {where!r}{hint} (valid here: {', '.join(sorted(fields))})"
             )
+    if cls is Params:
+        train = from_dict(TrainParams, raw.get("train"), "train")
+    inherits = train is not None and issubclass(cls, TrainParams) and cls is not TrainParams
     kwargs = {}
     for name, f in fields.items():
-        if name not in raw:
+        if cls is Params and name == "train":
+            kwargs[name] = train
             continue
         sub_path = f"{path}.{name}" if path else name
         tp = hints[name]
+        if name not in raw:
+            if inherits and name in TRAIN_KEYS:
+                kwargs[name] = copy.deepcopy(getattr(train, name))
+            elif train is not None and dataclasses.is_dataclass(tp):  # an absent section inherits too
+                kwargs[name] = from_dict(tp, None, sub_path, train)
+            continue
         if dataclasses.is_dataclass(tp):
-            kwargs[name] = from_dict(tp, raw[name], sub_path)
+            kwargs[name] = from_dict(tp, raw[name], sub_path, train)
         else:
             value = _coerce(sub_path, raw[name], tp)
             _check_range(sub_path, value, f.metadata)
             kwargs[name] = value
     params = cls(**kwargs)
     if cls is Params:
-        _check_cross_field(params)
+        _check_cross_field(params, raw)
     return params
 
 
-def _check_cross_field(p: Params) -> None:
+def _written_at(raw: Any, section: str) -> typing.Callable[[str], str]:
+    """``key -> dotted path`` of where the YAML wrote a training key's effective value for ``section``:
+    the section itself when it overrides the key, else ``train``."""
+    for part in section.split("."):
+        raw = raw.get(part) if isinstance(raw, dict) else None
+    written = raw if isinstance(raw, dict) else {}
+    return lambda key: f"{section}.{key}" if key in written else f"train.{key}"
+
+
+def _check_cross_field(p: Params, raw: dict) -> None:
     noise = p.data.noise
     if noise.type == "file" and not noise.file:
         raise _bad("data.noise.file", noise.file, "a path to a label file when data.noise.type is 'file'")
     if noise.type not in ("none", "file") and noise.rate == 0.0:
         pass  # a zero rate is a valid, clean run
-    for name, train in (
-        ("teachers.imbalance", p.teachers.imbalance),
-        ("teachers.noise", p.teachers.noise),
-        ("baselines.ce", p.baselines.ce),
-        ("baselines.la_small_loss", p.baselines.la_small_loss),
-        ("distill", p.distill),
-    ):
+    for name in TRAINED_SECTIONS:
+        train = p
+        for part in name.split("."):
+            train = getattr(train, part)
+        key = _written_at(raw, name)
         ms = train.milestones
         if not all(isinstance(m, int) and not isinstance(m, bool) and m >= 0 for m in ms):
-            raise _bad(f"{name}.milestones", ms, "a list of non-negative integers (epochs)")
+            raise _bad(key("milestones"), ms, "a list of non-negative integers (epochs)")
         if train.schedule == "step" and not ms:
-            raise _bad(f"{name}.milestones", ms, "at least one epoch when schedule is 'step'")
+            raise _bad(key("milestones"), ms, f"at least one epoch when {key('schedule')} is 'step'")
         if train.warmup_epochs >= train.epochs and train.warmup_epochs > 0:
-            raise _bad(f"{name}.warmup_epochs", train.warmup_epochs, f"fewer than epochs ({train.epochs})")
+            raise _bad(
+                key("warmup_epochs"), train.warmup_epochs, f"fewer than {key('epochs')} ({train.epochs})"
+            )
     if p.evaluate.few_threshold > p.evaluate.many_threshold:
         raise _bad(
             "evaluate.few_threshold",

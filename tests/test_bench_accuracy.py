@@ -35,22 +35,47 @@ def test_memorising_regime_sets_the_backbone_and_schedule_of_every_model_and_not
         bench.overrides(100, ("sym0.6", "symmetric", 0.6), 2, reg, "/data", extra=["distill.alpha=2"])
     )
     assert sets["seed"] == "2" and sets["data.noise.rate"] == "0.6" and sets["data.root"] == "/data"
-    for sec in bench.TRAININGS:
-        assert sets[f"{sec}.model"] == "mlp"
-        assert sets[f"{sec}.epochs"] == "60"
-        assert sets[f"{sec}.augment"] == "false"
-    assert sets["baselines.ce.track_every"] == "1"  # CE's curve: best epoch vs final
+    # the backbone and schedule of every model, once, in the shared `train` section
+    assert sets["train.model"] == "mlp"
+    assert sets["train.epochs"] == "60"
+    assert sets["train.augment"] == "false"
+    assert sets["train.track_every"] == "5"
+    assert sets["++baselines.ce.track_every"] == "1"  # CE's curve: best epoch vs final (a new key: `++`)
+    for sec in ("teachers.imbalance", "teachers.noise", "baselines.la_small_loss", "distill"):
+        assert not any(k.startswith(sec + ".") and k.rsplit(".", 1)[1] in ("model", "epochs") for k in sets)
     assert sets["distill.alpha"] == "2"
     # the method's own settings come from params.yaml (chosen on validation), not from the regime
     assert not any(k.endswith((".folds", ".selection", ".base_loss", ".ramp_epochs")) for k in sets)
+
+
+def test_overrides_applied_as_dvc_applies_them_give_every_model_the_regime(tmp_path):
+    """`dvc exp run -S` (Hydra's grammar) accepts every override on the shipped params.yaml, and the
+    loaded params give all five models the regime's backbone and schedule, plain CE its own curve."""
+    from dvc.utils.hydra import apply_overrides
+
+    from dsink.params import TRAINED_SECTIONS, load_params
+
+    reg = bench.REGIMES["memorising"]
+    path = tmp_path / "params.yaml"
+    path.write_text((ROOT / "params.yaml").read_text())
+    apply_overrides(str(path), bench.overrides(100, ("sym0.6", "symmetric", 0.6), 2, reg, "/data"))
+    p = load_params(path)
+    for sec in TRAINED_SECTIONS:
+        tp = p
+        for part in sec.split("."):
+            tp = getattr(tp, part)
+        got = (tp.model, tp.epochs, tp.augment, tp.bf16, tp.channels_last)
+        assert got == ("mlp", 60, False, "auto", "auto"), sec
+        assert tp.track_every == (reg.ce_track_every if sec == "baselines.ce" else reg.track_every), sec
+    assert (p.seed, p.data.noise.rate, p.data.root) == (2, 0.6, "/data")
 
 
 def test_short_regime_ramps_small_loss_over_half_the_run():
     reg = bench.REGIMES["short"]
     sets = _sets(bench.overrides(10, ("sym0.2", "symmetric", 0.2), 0, reg, "/d", epochs=8, fast=False))
     assert sets["teachers.noise.ramp_epochs"] == "4" and sets["baselines.la_small_loss.ramp_epochs"] == "4"
-    assert sets["distill.model"] == "small_cnn" and sets["distill.epochs"] == "8"
-    assert "distill.bf16" not in sets
+    assert sets["train.model"] == "small_cnn" and sets["train.epochs"] == "8"
+    assert "train.bf16" not in sets and not any(k.endswith(".bf16") for k in sets)
 
 
 def test_cells_run_every_setting_at_a_seed_before_the_next_seed():

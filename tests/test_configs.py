@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dsink.params import load_params
+from dsink.params import TRAIN_KEYS, TRAINED_SECTIONS, load_params
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
@@ -46,3 +46,15 @@ def test_defaults_and_configs_compare_like_with_like(path: Path):
     runs = [p.teachers.imbalance, p.teachers.noise, p.baselines.ce, p.baselines.la_small_loss, p.distill]
     for key in ("model", "epochs", "batch_size", "lr", "schedule", "milestones", "augment"):
         assert len({str(getattr(r, key)) for r in runs}) == 1, key
+
+
+@pytest.mark.parametrize("path", [ROOT / "params.yaml", *CONFIGS], ids=lambda p: p.name)
+def test_training_settings_are_written_once(path: Path):
+    """The shared `train` section holds every model's training settings; no model repeats them."""
+    raw = yaml.safe_load(path.read_text())
+    assert set(raw["train"]) == set(TRAIN_KEYS), f"{path.name}: `train` spells out every training key"
+    for section in TRAINED_SECTIONS:
+        node = raw
+        for part in section.split("."):
+            node = node[part]
+        assert not set(node) & set(TRAIN_KEYS), f"{path.name}: {section} repeats training keys"

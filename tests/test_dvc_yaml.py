@@ -139,3 +139,31 @@ def test_evaluate_depends_on_every_curve_it_plots():
         if name != "evaluate":
             produced |= {p for p in _expanded(stage, "plots") if p.startswith("dvclive/")}
     assert read == produced
+
+
+# The stages that train or load a model read its training keys: the shared `train` section and the model's
+# own section, whose keys override it (dsink/params.py resolves the two into the section's values).
+MODEL_SECTIONS = {
+    "train_teacher": "teachers.${item.role}",
+    "dump_logits": "teachers.${item.role}",  # the model's architecture, to load it
+    "train_baseline": "baselines.${item.method}",
+    "distill": "distill",
+}
+
+
+def test_every_training_stage_declares_the_shared_train_section_and_its_own():
+    """Changing `train.<key>` reruns every training; changing one model's override reruns only that model
+    (its own section is the only other training params it declares)."""
+    from dsink.params import TRAINED_SECTIONS
+
+    covered = set()
+    for name, section in MODEL_SECTIONS.items():
+        params = STAGES[name]["params"]
+        assert "train" in params, f"{name} reads training keys but does not declare `train`"
+        assert section in params, f"{name} does not declare {section}"
+        others = [p for p in params if p != section and any(p.startswith(s) for s in TRAINED_SECTIONS)]
+        assert others == [], f"{name} declares another model's section: {others}"
+        covered |= _expanded({"matrix": STAGES[name].get("matrix", {}), "x": [section]}, "x")
+    assert covered == set(TRAINED_SECTIONS)
+    readers = {name for name, stage in STAGES.items() if "train" in stage.get("params", [])}
+    assert readers == set(MODEL_SECTIONS), "only the stages that train or load a model read `train`"

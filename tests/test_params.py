@@ -103,6 +103,8 @@ def test_missing_sections_take_the_defaults(tmp_path):
         ("teachers.noise.epoch", "'teachers.noise.epochs'"),
         ("data.imbalance.profil", "'data.imbalance.profile'"),
         ("distill.sinkhorn.regg", "'distill.sinkhorn.reg'"),
+        ("train.epoch", "'train.epochs'"),
+        ("trian", "'train'"),
     ],
 )
 def test_unknown_key_names_the_closest_valid_key(tmp_path, write_params, dotted, suggestion):
@@ -125,6 +127,8 @@ def test_unknown_key_without_a_close_match_lists_the_valid_keys(tmp_path, write_
         ("data.noise.rate", "0.4", "'0.4'", "a number"),  # string for a float
         ("data.imbalance.ratio", "high", "'high'", "a number"),
         ("teachers.noise.epochs", 2.5, "2.5", "an integer"),  # float for an int
+        ("train.epochs", 2.5, "2.5", "an integer"),  # the shared section names itself
+        ("train.bf16", "atuo", "'atuo'", "true, false or 'auto' (did you mean 'auto'?)"),
         ("distill.epochs", True, "true", "an integer"),  # bool for an int
         ("seed", "0", "'0'", "an integer"),
         ("seed", None, "null", "not null"),  # null for a non-optional int
@@ -164,6 +168,8 @@ def test_a_section_that_is_not_a_mapping(tmp_path, write_params):
         ("teachers.imbalance.epochs", -3, "-3", ">= 1"),
         ("distill.sinkhorn.reg", 0, "0.0", "> 0.0"),
         ("distill.lr", -0.1, "-0.1", "> 0.0"),
+        ("train.lr", 0, "0.0", "> 0.0"),
+        ("train.momentum", 1, "1.0", "< 1.0"),
         ("teachers.noise.q", 1.5, "1.5", "<= 1.0"),
         ("seed", -1, "-1", ">= 0"),
     ],
@@ -208,6 +214,21 @@ def test_noise_type_file_without_a_file(tmp_path, write_params):
         ({"distill.warmup_epochs": 30, "distill.epochs": 30}, "distill.warmup_epochs = 30"),
         ({"teachers.noise.schedule": "step", "teachers.noise.milestones": []}, "teachers.noise.milestones"),
         ({"teachers.noise.milestones": [5, "x"]}, "teachers.noise.milestones = [5, x]"),
+        # a value inherited from `train` is named where it is written
+        (
+            {"train.warmup_epochs": 20},
+            "train.warmup_epochs = 20 is invalid: expected fewer than train.epochs",
+        ),
+        (
+            {"train.warmup_epochs": 5, "distill.epochs": 5},
+            "train.warmup_epochs = 5 is invalid: expected fewer than distill.epochs (5)",
+        ),
+        (
+            {"teachers.noise.schedule": "step"},
+            "train.milestones = [] is invalid: expected at least one epoch "
+            "when teachers.noise.schedule is 'step'",
+        ),
+        ({"train.milestones": [5, "x"]}, "train.milestones = [5, x]"),
     ],
 )
 def test_cross_field_checks(tmp_path, write_params, overrides, key):
@@ -244,3 +265,66 @@ def test_ratio_accepted_iff_at_least_one(ratio):
     else:
         with pytest.raises(DsinkError, match=r"data\.imbalance\.ratio = .* >= 1"):
             from_dict(Params, raw)
+
+
+TRAINED = ("teachers.imbalance", "teachers.noise", "baselines.ce", "baselines.la_small_loss", "distill")
+
+
+def _section(p: Params, dotted: str):
+    for part in dotted.split("."):
+        p = getattr(p, part)
+    return p
+
+
+def test_every_model_inherits_the_shared_train_section(tmp_path, write_params):
+    p = load_params(
+        write_params(tmp_path, {"train.epochs": 7, "train.model": "mlp", "train.milestones": [3]})
+    )
+    assert (p.train.epochs, p.train.model, p.train.milestones) == (7, "mlp", [3])
+    for name in TRAINED:
+        tp = _section(p, name)
+        assert (tp.epochs, tp.model, tp.milestones) == (7, "mlp", [3]), name
+    # each model holds its own copy: a consumer that edits one list does not edit another model's
+    assert len({id(_section(p, name).milestones) for name in TRAINED} | {id(p.train.milestones)}) == 6
+
+
+@pytest.mark.parametrize("name", TRAINED)
+def test_a_section_override_wins_for_that_model_only(tmp_path, write_params, name):
+    p = load_params(write_params(tmp_path, {"train.epochs": 7, f"{name}.epochs": 3, f"{name}.augment": True}))
+    for other in TRAINED:
+        tp = _section(p, other)
+        want = (3, True) if other == name else (7, p.train.augment)
+        assert (tp.epochs, tp.augment) == want, other
+    assert p.train.epochs == 7
+
+
+def test_an_empty_or_missing_section_takes_every_training_key_from_train(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("train:\n  epochs: 4\nbaselines:\n  ce: {}\n  la_small_loss:\n")
+    p = load_params(path)
+    assert [_section(p, name).epochs for name in TRAINED] == [4] * 5
+    # with no `train` either, every model has the schema's defaults
+    path.write_text("seed: 1\n")
+    q = load_params(path)
+    for name in TRAINED:
+        shared = {k: v for k, v in to_dict(_section(q, name)).items() if k in to_dict(q.train)}
+        assert shared == to_dict(Params().train), name
+
+
+def test_checkpoint_keys_change_for_exactly_the_models_whose_effective_values_change(tmp_path, write_params):
+    """Runs key their checkpoints on the section's resolved values (``dsink.runs.stage_config``): moving a
+    value between `train` and a section changes no key; a changed value changes the keys of the models
+    that see it, and only those."""
+    from dsink.runs import stage_config
+
+    def keys(overrides):
+        p = load_params(write_params(tmp_path / str(len(list(tmp_path.iterdir()))), overrides))
+        return {name: stage_config(p, "seed", "data", name) for name in TRAINED}
+
+    base = keys({})
+    assert keys({"teachers.noise.epochs": base["distill"]["distill"]["epochs"]}) == base  # a no-op override
+    everyone = keys({"train.epochs": 3})
+    assert all(everyone[name] != base[name] for name in TRAINED)
+    one = keys({"teachers.noise.epochs": 3})
+    assert {name for name in TRAINED if one[name] != base[name]} == {"teachers.noise"}
+    assert one["teachers.noise"] == everyone["teachers.noise"]  # the same effective values, the same key

@@ -66,9 +66,7 @@ def tiny_params(path: Path, epochs: int = 2) -> None:
     params["data"]["imbalance"]["ratio"] = 5
     params["data"]["synthetic"].update(num_classes=4, image_size=8, train_per_class=60, test_per_class=15)
     params["data"]["validation"]["per_class"] = 5
-    trainings = (params["teachers"]["imbalance"], params["teachers"]["noise"], params["distill"])
-    for sec in (*trainings, params["baselines"]["ce"], params["baselines"]["la_small_loss"]):
-        sec.update(epochs=epochs, batch_size=32, track_every=1)
+    params["train"].update(epochs=epochs, batch_size=32, track_every=1)  # every model's
     # estimate the noise rate after one epoch, so the noise teacher's selection acts within the 2 epochs
     # (with the default 2 warm-up epochs it would train exactly like the plain-CE baseline, bit for bit)
     params["teachers"]["noise"]["estimate_epochs"] = 1

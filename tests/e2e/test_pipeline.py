@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 import time
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from conftest import ALL_STAGES, DVC, ran_stages, run
+import yaml
+from conftest import ALL_STAGES, DVC, env, ran_stages, run
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -182,7 +184,20 @@ def test_repro_corrupt_then_everything(repo: Path):
 def test_params_change_reruns_only_downstream(repo: Path):
     if not (repo / "dvc.lock").exists():
         pytest.skip("needs the pipeline from the previous test")
-    out = run([DVC, "exp", "run", "-S", "teachers.noise.epochs=1"], repo)
+    # the shared training section is read by every stage that trains or loads a model (dvc status lists
+    # the stages whose own params changed; what is downstream of them reruns on their new outputs)
+    text = (repo / "params.yaml").read_text()
+    edited = yaml.safe_load(text)
+    edited["train"]["epochs"] = 1
+    (repo / "params.yaml").write_text(yaml.safe_dump(edited, sort_keys=False))
+    status = subprocess.run([DVC, "status", "--json"], cwd=repo, env=env(), capture_output=True, text=True)
+    assert status.returncode == 0, status.stderr
+    changed = set(json.loads(status.stdout))
+    (repo / "params.yaml").write_text(text)
+    trainings = {f"{s}@{r}" for s in ("train_teacher", "dump_logits") for r in ("imbalance", "noise")}
+    assert changed == trainings | {"train_baseline@ce", "train_baseline@la_small_loss", "distill"}
+    # one model's override of a shared key (a key params.yaml does not write: `++`) reruns that model only
+    out = run([DVC, "exp", "run", "-S", "++teachers.noise.epochs=1"], repo)
     student = {"distill", "evaluate", "label_issues"}
     assert ran_stages(out) == {"train_teacher@noise", "dump_logits@noise"} | student
     # the shot groups are read by evaluate and label_issues (its per-group scores), nothing trains
