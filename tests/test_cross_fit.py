@@ -266,7 +266,7 @@ def test_one_fold_is_the_one_model_path(tmp_path, monkeypatch, write_params):
     checkpoints.save_state_dict(result.model, "old.pt")
     assert Path("data/teachers/noise/model.pt").read_bytes() == Path("old.pt").read_bytes()
     est = json.loads(Path("data/teachers/noise/estimate.json").read_text())
-    assert set(est) == {"role", "noise_rate_estimate", "forget_rate"}
+    assert set(est) == {"role", "noise_rate_estimate", "noise_rate_estimate_per_class", "forget_rate"}
 
     _dump(d, monkeypatch)
     monkeypatch.chdir(d)

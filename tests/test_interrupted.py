@@ -159,6 +159,9 @@ def test_dump_logits_killed_at_any_point_leaves_nothing_partial(tmp_path, delay)
     from dsink.models import build_model
 
     d = setup_dir(tmp_path / "d")
+    params = yaml.safe_load((d / "params.yaml").read_text())
+    params["teachers"]["noise"].update(folds=1, model="small_cnn")  # the hand-made file: one small_cnn
+    (d / "params.yaml").write_text(yaml.safe_dump(params))
     torch.manual_seed(0)
     save_state_dict(build_model("small_cnn", 3, 1), d / "data/teachers/noise/model.pt")
     cmd = [sys.executable, str(ROOT / "stages/dump_logits.py"), "--role", "noise"]

@@ -37,7 +37,9 @@ def work(tmp_path, monkeypatch):
     params["data"]["synthetic"].update(num_classes=C, image_size=8, train_per_class=40, test_per_class=10)
     params["data"]["validation"]["per_class"] = 4
     for sec in (params["teachers"]["imbalance"], params["teachers"]["noise"], params["distill"]):
-        sec.update(epochs=1, batch_size=16, track_every=0)
+        sec.update(epochs=1, batch_size=16, track_every=0, model="small_cnn")
+    for sec in (params["teachers"]["imbalance"], params["teachers"]["noise"]):
+        sec.update(folds=1)  # the files these tests hand-make are single models (fold files: test_cross_fit)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("TQDM_DISABLE", "1")

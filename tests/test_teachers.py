@@ -331,7 +331,12 @@ def test_a_set_forget_rate_records_no_estimate_and_dump_adds_none(tmp_path, monk
     d = _setup(tmp_path, write_params, **{"teachers.noise.forget_rate": 0.25, "teachers.noise.epochs": 2})
     assert _fit(d, monkeypatch) == []
     est = json.loads((d / "data/teachers/noise/estimate.json").read_text())
-    assert est == {"role": "noise", "noise_rate_estimate": None, "forget_rate": 0.25}
+    assert est == {
+        "role": "noise",
+        "noise_rate_estimate": None,
+        "noise_rate_estimate_per_class": None,
+        "forget_rate": 0.25,
+    }
     monkeypatch.chdir(d)
     monkeypatch.setenv("TQDM_DISABLE", "1")
     _load_stage("dump_logits").cli(["--role", "noise"])
