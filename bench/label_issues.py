@@ -489,12 +489,12 @@ def write_json(path: Path, payload: dict[str, Any]) -> None:
 
 
 def grid_names(
-    ratios: list[int], noises: list[str], seeds: list[int], regime: str = "short"
+    ratios: list[int], noises: list[str], seeds: list[int], regime: str = "short", tag: str | None = None
 ) -> list[tuple[str, int, tuple, int]]:
     """``(experiment name, ratio, setting, seed)`` of every cell, named as bench/accuracy.py names them."""
     import accuracy
 
-    prefix = accuracy.REGIMES[regime].prefix
+    prefix = accuracy.regime_prefix(accuracy.REGIMES[regime], tag)
     cells = []
     for ratio in ratios:
         for noise in noises:
@@ -591,12 +591,19 @@ def grid_markdown(results: list[dict[str, Any]]) -> str:
 
 def cmd_grid(args: argparse.Namespace) -> None:
     repo = Path(args.repo).resolve()
-    cells = grid_names(args.ratios, args.noise, args.seeds, args.regime)
+    cells = grid_names(args.ratios, args.noise, args.seeds, args.regime, args.tag)
     found = find_experiments(repo)
     missing = [c for c in cells if c[0] not in found]
     if missing:
         say("not run yet: " + ", ".join(c[0] for c in missing))
         if args.queue_missing:
+            if args.tag:
+                from dsink.errors import DsinkError
+
+                raise DsinkError(
+                    "--queue-missing queues the regime's own cells; queue a variant with "
+                    "bench/accuracy.py queue --tag TAG --set KEY=VALUE"
+                )
             queue_missing(repo, missing, args.regime, args.epochs, args.fp32)
             say("run them: python bench/accuracy.py start --jobs 2 --wait; then this command again")
     results = []
@@ -663,6 +670,7 @@ def main(argv: list[str] | None = None) -> None:
         choices=sorted(accuracy.REGIMES),
         help="which grid's experiments (bench/accuracy.py): short (acc-...) or memorising (mem-...)",
     )
+    g.add_argument("--tag", default=None, help="a variant's experiments (bench/accuracy.py queue --tag)")
     g.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds (data and models)")
     g.add_argument("--queue-missing", action="store_true", help="queue the cells with no experiment yet")
     g.add_argument(
