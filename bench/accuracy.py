@@ -324,6 +324,12 @@ def _val_top1(m: dict[str, Any]) -> float | None:
     return val.get("top1") if isinstance(val, dict) else None
 
 
+def _training_key(params: dict[str, Any], section: str, key: str) -> Any:
+    """A model's effective training setting: its section's own value, else the shared ``train`` one."""
+    own = params.get(section) or {}
+    return own[key] if key in own else (params.get("train") or {}).get(key)
+
+
 def summarise(runs: dict[str, dict[str, Any]], settings: tuple = ()) -> list[dict[str, Any]]:
     """One row per (ratio, noise setting): each method's metrics over seeds, D-SINK's margins paired by
     seed over the best other method (chosen per cell by mean test top-1), and plain CE's memorisation:
@@ -342,8 +348,8 @@ def summarise(runs: dict[str, dict[str, Any]], settings: tuple = ()) -> list[dic
             "noise": noise,
             "seeds": [r["seed"] for r in seeds],
             "experiments": {r["name"]: r["rev"] for r in seeds},
-            "model": first["distill"]["model"],
-            "epochs": first["distill"]["epochs"],
+            "model": _training_key(first, "distill", "model"),
+            "epochs": _training_key(first, "distill", "epochs"),
             "realised_noise": _stat([(r["corrupt"] or {}).get("noise_rate") for r in seeds]),
             "noise_rate_estimate": _stat(
                 [(r["metrics"].get("noise_rate") or {}).get("estimate") for r in seeds]

@@ -22,6 +22,7 @@ import torch
 from dsink.engine import TrainResult, train
 from dsink.models import build_model
 from dsink.params import Params
+from dsink.priors import label_log_prior
 from dsink.runs import Corpus, checkpoint_dir, open_corpus, stage_config
 from dsink.runtime import Runtime, setup_runtime, teardown_runtime
 from dsink.selection import estimate_hook
@@ -80,7 +81,17 @@ def fit_recipe(
         checkpoint_dir=ckpt,
         live_dir=live_dir,
         objective_state=recipe.state,
-        evaluate=epoch_tracker(corpus, rt.device, 512) if tp.track_every else None,
+        evaluate=(
+            epoch_tracker(
+                corpus,
+                rt.device,
+                512,
+                recipe.train_offset.numpy(),
+                label_log_prior(corpus.index.noisy_label, corpus.index.num_classes),
+            )
+            if tp.track_every
+            else None
+        ),
         on_epoch_start=estimate_hook(obj, corpus, tp, rt, rows, estimate_offset) if estimating else None,
         desc=desc,
     )

@@ -107,7 +107,7 @@ def _run(seed: int, top1: dict[str, float], curve: list[float]) -> dict:
         "metrics": metrics,
         "corrupt": {"noise_rate": 0.4},
         "label_issues": None,
-        "params": {"distill": {"model": "mlp", "epochs": 60}},
+        "params": {"train": {"model": "mlp", "epochs": 60}, "distill": {}},
         "ce_curve": list(enumerate(curve)),
     }
 

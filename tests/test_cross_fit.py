@@ -72,6 +72,7 @@ def _load_stage(name: str):
 
 def _setup(d: Path, write_params, **extra) -> Path:
     overrides = {
+        "train.model": "small_cnn",  # the oracle and the hand-made files below build this backbone
         "data.dataset": "synthetic",
         "data.root": str(d / "raw"),
         "data.imbalance.ratio": 4,

@@ -12,7 +12,7 @@ from dsink.models import MODELS, build_model
 
 torch.set_num_threads(1)
 
-NAMES = ("resnet32", "preact_resnet18", "small_cnn")
+NAMES = ("resnet32", "preact_resnet18", "small_cnn", "mlp")
 
 
 def test_registry_names():
