@@ -27,7 +27,7 @@ from dsink.artifacts import (
 )
 from dsink.distill import DsinkObjective, gather_rows, shard_bounds, train_space_logits
 from dsink.errors import DsinkError
-from dsink.params import DistillParams, SinkhornParams
+from dsink.params import DistillParams, SinkhornParams, load_params
 from dsink.runtime import Runtime
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -509,8 +509,14 @@ def _curve(live: Path, key: str) -> list[float]:
 @pytest.mark.parametrize(
     "overrides",
     [
-        {},  # the defaults: full weight, every sample
-        {"distill.base_ramp": "linear_down", "distill.base_filter": "agree", "distill.base_weight": 0.5},
+        {},  # whatever params.yaml says
+        {"distill.base_loss": "logit_adjusted"},  # full weight, every sample
+        {
+            "distill.base_loss": "logit_adjusted",
+            "distill.base_ramp": "linear_down",
+            "distill.base_filter": "agree",
+            "distill.base_weight": 0.5,
+        },
         {
             "distill.base_ramp": "cosine_down",
             "distill.base_ramp_epochs": 2,
@@ -520,7 +526,7 @@ def _curve(live: Path, key: str) -> list[float]:
         },
         {"distill.base_loss": "none", "distill.base_filter": "agree"},
     ],
-    ids=["defaults", "linear_agree", "cosine_soft_dataset", "none"],
+    ids=["defaults", "full", "linear_agree", "cosine_soft_dataset", "none"],
 )
 def test_distill_logs_the_base_loss_weight_and_share(overrides, tmp_path, monkeypatch, write_params):
     """A tiny run with each base-loss option finishes; dvclive has the weight and the share per epoch."""
@@ -538,7 +544,7 @@ def test_distill_logs_the_base_loss_weight_and_share(overrides, tmp_path, monkey
     # the weight: the mean of the closed-form schedule over each epoch's steps (batch 16, one process)
     n = read_corrupted("data/corrupted/train.parquet").sample_id.size
     steps = -(-n // 16)
-    p = DistillParams(**{k.split(".", 1)[1]: v for k, v in kw.items()})
+    p = load_params(d / "params.yaml").distill
     w0 = p.base_weight if p.base_loss != "none" else 0.0
     span = p.base_ramp_epochs or epochs
 

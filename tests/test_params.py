@@ -216,7 +216,7 @@ def test_noise_type_file_without_a_file(tmp_path, write_params):
         ({"teachers.noise.milestones": [5, "x"]}, "teachers.noise.milestones = [5, x]"),
         # a value inherited from `train` is named where it is written
         (
-            {"train.warmup_epochs": 20},
+            {"train.warmup_epochs": 20, "train.epochs": 20},
             "train.warmup_epochs = 20 is invalid: expected fewer than train.epochs",
         ),
         (
