@@ -69,7 +69,7 @@ CACHE_VERSION = "label_issues.oof_ce/2"  # 2: the folds of dsink.cross_fit
 DETECTORS = (
     ("dsink", "D-SINK (transport plan)"),
     ("cleanlab_ce_cv", "cleanlab, k-fold plain CE"),
-    ("cleanlab_imb", "cleanlab, imbalance teacher (in-sample)"),
+    ("cleanlab_imb", "cleanlab, imbalance teacher"),
     ("ce_cv_disagrees", "k-fold plain CE argmax != label"),
 )
 GROUPS = ("many", "medium", "few")
