@@ -70,6 +70,9 @@ def tiny_params(path: Path, epochs: int = 2) -> None:
     # estimate the noise rate after one epoch, so the noise teacher's selection acts within the 2 epochs
     # (with the default 2 warm-up epochs it would train exactly like the plain-CE baseline, bit for bit)
     params["teachers"]["noise"]["estimate_epochs"] = 1
+    # ... and forget the whole estimated share at once: ramped, per-class selection (which rounds each
+    # class's kept count up) would keep every sample of a 32-sample batch in epoch 2
+    params["teachers"]["noise"]["ramp_epochs"] = 1
     params["baselines"]["la_small_loss"]["estimate_epochs"] = 1  # the same for the one-model baseline
     params["evaluate"].update(many_threshold=40, few_threshold=20)
     path.write_text(yaml.safe_dump(params, sort_keys=False))
