@@ -2,7 +2,9 @@
 
 ``L = L_base + alpha * CE(q, f)`` where the surrogate labels ``q`` solve the dual-granularity OT problem
 of ``method.md`` (:func:`dsink.ot.dsink_targets`): cost from the noise-robust teacher's and the student's
-log-probabilities (per sample), class totals from the imbalance-robust teacher (per class).
+log-probabilities (per sample), class totals from the imbalance-robust teacher (per class). With
+``cost_imbalance_weight = w > 0`` the per-sample teacher term is the geometric mixture ``f_N^(1-w) f_L^w``
+(:func:`teacher_log_evidence`).
 
 The base loss (CE or logit-adjusted CE on the noisy labels, or none) can be kept from memorising the
 noisy labels on a long schedule in two ways (the defaults are the original full-weight term):
@@ -105,6 +107,24 @@ def _sum_over_ranks(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def teacher_log_evidence(
+    noise_train: np.ndarray, imbalance_train: np.ndarray, weight: float, temperature: float = 1.0
+) -> torch.Tensor:
+    """The teachers' per-sample log-probabilities that enter the cost: ``(1 - w) log f_N + w log f_L``.
+
+    ``w = 0`` is the paper's cost (``f_N`` alone). With ``w > 0`` the cost reads the geometric mixture
+    ``f_N^(1-w) f_L^w``, so ``q_i`` is proportional to ``u (.) (f_N^(1-w) f_L^w f)^(1/2)``: the
+    imbalance teacher, out of fold, vouches per sample too, which matters once the noise teacher's
+    in-sample logits carry the labels it memorised. Neither term needs a prior: a per-class offset on
+    either is absorbed by the class scaling ``u``, a per-sample one by ``v``. Float32, ``(N, C)``.
+    """
+    log_fn = F.log_softmax(torch.from_numpy(np.asarray(noise_train)).double() / temperature, dim=1)
+    if weight > 0:
+        log_fl = F.log_softmax(torch.from_numpy(np.asarray(imbalance_train)).double() / temperature, dim=1)
+        log_fn = (1.0 - weight) * log_fn + weight * log_fl
+    return log_fn.float()
+
+
 class DsinkObjective:
     """Callable objective for :func:`dsink.engine.train` (rows index the corrupted set).
 
@@ -124,7 +144,9 @@ class DsinkObjective:
         self.rt = rt if rt is not None else Runtime(torch.device("cpu"))
         s = p.sinkhorn
         C = noise_train.shape[1]
-        self.log_fn = F.log_softmax(torch.from_numpy(noise_train).float() / s.temperature, dim=1)
+        self.log_fn = teacher_log_evidence(
+            noise_train, imbalance_train, p.cost_imbalance_weight, s.temperature
+        )
         p_l = torch.softmax(torch.from_numpy(imbalance_train).float(), dim=1)
         if p.class_totals == "hard":
             p_l = F.one_hot(p_l.argmax(1), p_l.shape[1]).float()

@@ -232,6 +232,9 @@ class DistillParams(TrainParams):
     scope: str = _opt("dataset", choices=("batch", "dataset"))
     resolve_every: int = _opt(1, ge=1)  # dataset scope: epochs between re-solves
     class_totals: str = _opt("hard", choices=("soft", "hard"))
+    # w: the per-sample evidence in the cost is the geometric mixture f_N^(1-w) f_L^w (0: f_N alone, the
+    # paper); f_L then also speaks per sample, which helps once f_N's in-sample logits carry memorised labels
+    cost_imbalance_weight: float = _opt(0.0, ge=0.0, le=1.0)
     # the student's training prior: its raw logits + tau*log(prior) are trained against q (train space)
     prior: str = _opt("imbalance_teacher", choices=("imbalance_teacher", "noisy_labels"))
     # how to read the imbalance teacher's raw logits for the class totals: auto = its metadata

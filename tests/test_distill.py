@@ -93,22 +93,25 @@ def test_targets_meet_both_marginals():
 
 @pytest.mark.parametrize("reg", [2.0, 1.0])
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
-def test_targets_equal_pot_sinkhorn_in_float64(reg, temperature):
+@pytest.mark.parametrize("w", [0.0, 0.4])
+def test_targets_equal_pot_sinkhorn_in_float64(reg, temperature, w):
     """Independent oracle: POT's entropic OT on the cost and marginals of method.md, in float64.
 
-    Cost ``P_ci = -(log f_N(x_i)_c + log f(x_i)_c)`` (temperature-scaled log-softmaxes), class marginal
+    Cost ``P_ci = -((1 - w) log f_N(x_i)_c + w log f_L(x_i)_c + log f(x_i)_c)`` (temperature-scaled
+    log-softmaxes; ``w = cost_imbalance_weight``, 0 is the paper's cost), class marginal
     ``a = sum_i f_L(x_i) / N``, sample marginal ``b = 1 / N``, entropic weight ``reg``; ``q = N * plan^T``.
     """
     N, C = 12, 4
     sk = SinkhornParams(reg=reg, temperature=temperature, max_iter=5000, tol=1e-6)
-    obj, noise, imb = objective(N=N, C=C, seed=5, prior="noisy_labels", sinkhorn=sk)
+    obj, noise, imb = objective(N=N, C=C, seed=5, prior="noisy_labels", sinkhorn=sk, cost_imbalance_weight=w)
     z = torch.from_numpy(np.random.default_rng(6).normal(size=(N, C)) * 2).float()
     zt = obj.train_logits(z)
     q = obj.targets(zt, torch.arange(N)).double().numpy()
 
     log_fn = F.log_softmax(torch.from_numpy(noise).double() / temperature, 1).numpy()
+    log_fl = F.log_softmax(torch.from_numpy(imb).double() / temperature, 1).numpy()
     log_f = F.log_softmax(zt.double() / temperature, 1).numpy()
-    cost = -(log_fn + log_f)  # (N, C)
+    cost = -((1 - w) * log_fn + w * log_fl + log_f)  # (N, C)
     r = torch.softmax(torch.from_numpy(imb).double(), 1).sum(0).numpy()
     plan = pot.sinkhorn(r / N, np.full(N, 1.0 / N), cost.T, reg, numItermax=100000, stopThr=1e-13)
     oracle = N * plan.T
@@ -137,6 +140,36 @@ def test_a_per_class_offset_on_the_noise_teacher_changes_nothing(scope):
         qs.append(obj.targets(obj.train_logits(torch.from_numpy(raw)), rows))
     assert (qs[0] - qs[1]).abs().max() < 1e-4
     assert (qs[0] - qs[2]).abs().max() > 0.1
+
+
+def test_cost_imbalance_weight_mixes_the_teachers_per_sample():
+    """``w = 1``: the noise teacher leaves the cost, so two different noise teachers give the same q;
+    ``w = 0``: they do not. A per-class offset on f_L's *cost* term is absorbed like f_N's (here the
+    class totals are held fixed by counting argmaxes, which a per-class offset of 0.01 does not move)."""
+    N, C = 30, 4
+    rows = torch.arange(N)
+    raw = torch.from_numpy(np.random.default_rng(4).normal(size=(N, C))).float()
+
+    def q_of(w, seed, imbalance_shift=None):
+        imb = np.random.default_rng(11).normal(size=(N, C)).astype(np.float32) * 2
+        if imbalance_shift is not None:
+            imb = imb + np.asarray(imbalance_shift, dtype=np.float32)
+        noise = np.random.default_rng(seed).normal(size=(N, C)).astype(np.float32) * 2
+        p = DistillParams(
+            scope="batch",
+            class_totals="hard",
+            prior="noisy_labels",
+            cost_imbalance_weight=w,
+            sinkhorn=SinkhornParams(max_iter=2000, tol=1e-6),
+        )
+        o = DsinkObjective(p, noise, imb, np.arange(N) % C)
+        return o.targets(o.train_logits(raw), rows)
+
+    assert (q_of(1.0, 1) - q_of(1.0, 2)).abs().max() < 1e-5
+    assert (q_of(0.0, 1) - q_of(0.0, 2)).abs().max() > 0.1
+    shifted = q_of(0.5, 1, imbalance_shift=[0.0, 0.01, -0.01, 0.005])
+    assert (q_of(0.5, 1) - shifted).abs().max() < 1e-4
+    assert (q_of(0.5, 1) - q_of(0.0, 1)).abs().max() > 0.05
 
 
 @pytest.mark.parametrize("base", ["logit_adjusted", "ce", "none"])
