@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from typing import Any
 
 import numpy as np
@@ -169,6 +170,10 @@ class DsinkObjective:
         self.solve: dict[str, float] = {}  # n_iter, err, epoch of the last dataset-scope solve
         self.solve_weights: dict[str, torch.Tensor] | None = None  # the student at that solve
         self._resolved = False  # a dataset-scope solve ran since the last epoch_metrics()
+        # dataset scope: this run's solves and the (epoch, err) of those that stopped at max_iter, reported
+        # once at the end (convergence_note) instead of one warning per epoch
+        self.n_solves = 0
+        self.unconverged: list[tuple[int, float]] = []
         self._iters: list[int] = []  # batch scope: this epoch's solves
         self._errs: list[float] = []
         # this epoch's base-loss tallies: sum of the weights applied and steps; samples kept and seen
@@ -317,14 +322,19 @@ class DsinkObjective:
         C = log_k.shape[1]
         if self.rt.is_main:
             r = self.p_l.double().sum(0)
-            log_u, info = ot.class_scaling(
-                log_k,
-                r.to(log_k.dtype),
-                max_iter=s.max_iter,
-                tol=s.tol,
-                chunk_size=self.p.chunk_size,
-                log=True,
-            )
+            # warm start from the previous solve: the student moves little between two solves, so a
+            # sharp kernel (small reg) that needs thousands of updates from 0 needs a few from there
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", ot.SinkhornConvergenceWarning)
+                log_u, info = ot.class_scaling(
+                    log_k,
+                    r.to(log_k.dtype),
+                    max_iter=s.max_iter,
+                    tol=s.tol,
+                    chunk_size=self.p.chunk_size,
+                    log=True,
+                    init=self.log_u,
+                )
             stats = torch.tensor([float(info["n_iter"]), float(info["err"])], dtype=torch.float64)
         else:
             log_u = torch.empty(C, dtype=torch.float64)
@@ -337,9 +347,26 @@ class DsinkObjective:
         self.log_k = log_k
         self.log_u = log_u.double()
         self.solve = {"n_iter": float(stats[0]), "err": float(stats[1]), "epoch": float(epoch)}
+        self.n_solves += 1
+        if self.solve["err"] > s.tol:
+            self.unconverged.append((epoch, self.solve["err"]))
         self.solve_weights = weights
         self._resolved = True
         return {"n_iter": self.solve["n_iter"], "err": self.solve["err"]}
+
+    def convergence_note(self) -> str | None:
+        """One line on the dataset-scope solves that stopped at ``max_iter`` in this run (None: none did)."""
+        if not self.unconverged:
+            return None
+        s = self.p.sinkhorn
+        worst = max(err for _, err in self.unconverged)
+        last_epoch, last = self.unconverged[-1]
+        return (
+            f"distill: {len(self.unconverged)} of {self.n_solves} class-total solves stopped at "
+            f"sinkhorn.max_iter={s.max_iter} above tol={s.tol:g} (largest relative class-total error "
+            f"{worst:.1e}; {last:.1e} at epoch {last_epoch}); raise distill.sinkhorn.max_iter to meet "
+            "the class totals more exactly"
+        )
 
     def rebuild_dataset(self, student_raw: np.ndarray) -> None:
         """After :meth:`load_state_dict`: the last solve's ``q`` from the logits of the student at that solve.
@@ -549,6 +576,9 @@ def fit_student(
                 },
             )
             clear_checkpoint(ckpt)
+            note = objective.convergence_note()
+            if note:
+                warnings.warn(note, ot.SinkhornConvergenceWarning, stacklevel=2)
         return result.history[-1] if result.history else {}
     finally:
         teardown_runtime(rt)

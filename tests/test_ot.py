@@ -473,6 +473,33 @@ def test_class_scaling_iterate_k_is_pots_iterate_k(k: int) -> None:
     assert info["err"] == pytest.approx(expected, rel=1e-6)
 
 
+def test_class_scaling_warm_start_reaches_the_same_potential_in_fewer_updates() -> None:
+    """The fixed point is unique up to a shift: any finite start ends at the cold start's potential, and
+    starting from the answer (or near it, as the previous epoch's solve is) takes almost no updates."""
+    lpn, lps, pl = _teachers(600, 6, seed=15)
+    pl[:, 2] = 0.0
+    pl = pl / pl.sum(1, keepdim=True)
+    log_kernel, r = 2.0 * (lpn + lps), pl.sum(0)  # reg = 0.5: a sharp kernel, many updates from 0
+    cold = class_scaling(log_kernel, r, max_iter=100000, tol=1e-10)
+    start = torch.randn(6, generator=_gen(16), dtype=F64) * 3
+    start[2] = float("nan")  # a zero-mass class's entry is ignored
+    warm, info = class_scaling(log_kernel, r, max_iter=100000, tol=1e-10, log=True, init=start)
+    torch.testing.assert_close(warm, cold, rtol=0, atol=1e-8)
+    near = cold.clone()
+    near[[0, 1, 3, 4, 5]] += torch.tensor([1e-3, -2e-3, 0.0, 1e-3, 0.0], dtype=F64)
+    _, cold4 = class_scaling(log_kernel, r, max_iter=100000, tol=1e-4, log=True)
+    _, near4 = class_scaling(log_kernel, r, max_iter=100000, tol=1e-4, log=True, init=near)
+    assert cold4["n_iter"] > 20 and near4["n_iter"] < cold4["n_iter"] / 2, (cold4, near4)
+    _, done = class_scaling(log_kernel, r, max_iter=100000, tol=1e-10, log=True, init=cold)
+    assert done["n_iter"] <= 1
+    with pytest.raises(ValueError, match="init must have shape"):
+        class_scaling(log_kernel, r, init=cold[:3])
+    bad = cold.clone()
+    bad[0] = float("inf")
+    with pytest.raises(ValueError, match="finite on every class"):
+        class_scaling(log_kernel, r, init=bad)
+
+
 def test_class_scaling_chunking_does_not_change_answer() -> None:
     lpn, lps, pl = _teachers(500, 7, seed=11)
     log_kernel, r = lpn + lps, pl.sum(0)

@@ -100,10 +100,15 @@ def _check_values(log_kernel: torch.Tensor, r: torch.Tensor, chunk_size: int) ->
 class _ChunkedClassPotential:
     """The iterate of :func:`class_scaling`: the class potential ``log_u`` and its class totals ``log s``."""
 
-    def __init__(self, log_kernel: torch.Tensor, r64: torch.Tensor, chunk_size: int) -> None:
+    def __init__(
+        self, log_kernel: torch.Tensor, r64: torch.Tensor, chunk_size: int, init: torch.Tensor | None = None
+    ) -> None:
         self.log_kernel, self.r64, self.chunk_size = log_kernel, r64, chunk_size
         self.log_r = safe_log(r64)
         self.log_u = zero_mass_potential(r64)
+        if init is not None:
+            start = torch.where(r64 > 0, init.detach().to(self.log_u), self.log_u)
+            self.log_u = start - start.amax()
         self.log_s = _log_class_totals(log_kernel, self.log_u, chunk_size)
 
     def error(self) -> float:
@@ -125,6 +130,7 @@ def class_scaling(
     chunk_size: int = ...,
     check_every: int = ...,
     log: Literal[False] = ...,
+    init: torch.Tensor | None = ...,
 ) -> torch.Tensor: ...
 
 
@@ -138,6 +144,7 @@ def class_scaling(
     check_every: int = ...,
     *,
     log: Literal[True],
+    init: torch.Tensor | None = ...,
 ) -> tuple[torch.Tensor, dict[str, Any]]: ...
 
 
@@ -149,6 +156,7 @@ def class_scaling(
     chunk_size: int = 65536,
     check_every: int = 1,
     log: bool = False,
+    init: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, dict[str, Any]]:
     r"""Class potential ``log_u`` solving the D-SINK transport problem at dataset scope.
 
@@ -181,6 +189,10 @@ def class_scaling(
         Compare the error with ``tol`` every this many updates (each check syncs the device).
     log : bool, default False
         Also return ``{"n_iter": int, "err": float}`` (``err`` as below, after the last update).
+    init : torch.Tensor or None, default None
+        Shape ``(C,)``: the potential to start from (warm start), e.g. the previous solve's when the
+        kernel has moved little since; ``None`` starts from 0. Entries of zero-mass classes are ignored.
+        The fixed point is unique up to a shift, so the start changes only how many updates it takes.
 
     Returns
     -------
@@ -216,7 +228,13 @@ def class_scaling(
     r64 = _check_values(log_kernel, r, chunk_size)
     log_kernel = log_kernel.detach()
     tol = resolve_tol(tol, log_kernel.dtype)
-    it = _ChunkedClassPotential(log_kernel, r64, chunk_size)
+    if init is not None:
+        check_tensor(init, "init")
+        if tuple(init.shape) != (r64.shape[0],):
+            raise ValueError(f"init must have shape ({r64.shape[0]},), got {tuple(init.shape)}")
+        if not torch.isfinite(init.detach()[r64.to(init.device) > 0]).all():
+            raise ValueError("init must be finite on every class with positive mass")
+    it = _ChunkedClassPotential(log_kernel, r64, chunk_size, init)
     run = iterate(it, max_iter=max_iter, tol=tol, check_every=check_every)
     warn_if_stopped_early("class_scaling", run, tol)
     if log:
