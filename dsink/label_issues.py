@@ -1,8 +1,9 @@
 """Which training labels are wrong, read off D-SINK's transport plan.
 
 The surrogate labels ``q`` that the student is distilled on weigh, for every training sample, the
-noise-robust teacher and the trained student (per sample: ``sqrt(f_N f)``) against class totals from the
-imbalance-robust teacher (per class: ``u``). That is the evidence a label check needs on long-tailed data:
+teachers and the trained student (per sample: ``(f_N^(1-w) f_L^w f)^(1/reg)``, ``w`` =
+``distill.cost_imbalance_weight``) against class totals from the imbalance-robust teacher (per class:
+``u``). That is the evidence a label check needs on long-tailed data:
 a rare-class sample keeps its label when the per-sample evidence supports it, because the class scaling
 ``u`` gives its class the mass ``f_L`` says the class holds, instead of being flagged for being rare.
 
@@ -19,6 +20,7 @@ The rule has no threshold to tune and uses no noise rate: the number of flags fo
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,6 +57,10 @@ class LabelIssues:
     suggested_mass: np.ndarray  # float64, q_i[suggested]
 
 
+#: the report's solve may take this many times ``distill.sinkhorn.max_iter`` updates to converge
+SOLVE_ROUNDS = 50
+
+
 def surrogate_labels(
     dp: DistillParams,
     noise_train: np.ndarray,
@@ -68,7 +74,21 @@ def surrogate_labels(
     (:func:`dsink.distill.train_space_logits`); ``student`` the student's logits file (raw logits).
     """
     objective = DsinkObjective(dp, noise_train, imbalance_train, noisy_labels)
-    objective.resolve_dataset(student.train)
+    # One solve, from a cold start: unlike training, no earlier solve carries updates over, so keep
+    # solving (each round warm-starts from the last) until the class totals are met or the budget ends.
+    for _ in range(SOLVE_ROUNDS):
+        objective.resolve_dataset(student.train)
+        if objective.solve["err"] <= dp.sinkhorn.tol:
+            break
+    else:
+        sk = dp.sinkhorn
+        warnings.warn(
+            f"label_issues: the class totals were met only to a relative error of "
+            f"{objective.solve['err']:.1e} after {SOLVE_ROUNDS} x distill.sinkhorn.max_iter="
+            f"{sk.max_iter} updates (tol {sk.tol:g})",
+            ot.SinkhornConvergenceWarning,
+            stacklevel=2,
+        )
     assert objective.log_k is not None and objective.log_u is not None
     return ot.apply_class_scaling(objective.log_k, objective.log_u, dp.chunk_size).double().numpy()
 

@@ -87,6 +87,28 @@ def test_planted_errors_found_without_flooding_the_tail():
     assert truth[top].mean() >= 0.9
 
 
+def test_the_report_solve_meets_the_class_totals_beyond_one_max_iter_or_says_so():
+    """A sharp kernel (reg 0.5) and a budget of 2 updates per round: the rounds, each warm-started from the
+    last, still reach the totals; with 1 update per round and 50 rounds they do not, and it warns."""
+    import warnings
+
+    from dsink.ot import SinkhornConvergenceWarning
+    from dsink.params import SinkhornParams
+
+    clean, noisy, f_n, f_l, student, lp = _long_tailed(1)
+    t_s = TeacherLogits(student, student[:0], {})
+    dp = DistillParams(sinkhorn=SinkhornParams(reg=0.5, max_iter=20, tol=1e-6), class_totals="soft")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        q = surrogate_labels(dp, f_n, f_l, t_s, noisy)
+    r = np.exp(f_l - f_l.max(1, keepdims=True))
+    r = (r / r.sum(1, keepdims=True)).sum(0)
+    assert np.abs(q.sum(0) / r - 1).max() <= 1e-5  # float32 q
+    tight = DistillParams(sinkhorn=SinkhornParams(reg=0.5, max_iter=1, tol=1e-12), class_totals="soft")
+    with pytest.warns(SinkhornConvergenceWarning, match="50 x distill.sinkhorn.max_iter=1"):
+        surrogate_labels(tight, f_n, f_l, t_s, noisy)
+
+
 # ------------------------------------------------------------------------------------- the stage
 
 
