@@ -799,28 +799,19 @@ def test_torchrun_surrogate_labels_do_not_depend_on_the_world_size(tmp_path):
 def test_dataset_solves_that_stop_early_are_summarised_once_not_warned_each_epoch():
     N, C = 40, 4
     raw = np.random.default_rng(8).normal(size=(N, C)).astype(np.float32) * 3
-    short, _, _ = objective(
-        N=N,
-        C=C,
-        seed=3,
-        prior="noisy_labels",
-        scope="dataset",
-        sinkhorn=SinkhornParams(max_iter=1, tol=1e-12),
-    )
+
+    def dataset_objective(max_iter: int, tol: float) -> DsinkObjective:
+        sk = SinkhornParams(max_iter=max_iter, tol=tol)
+        return objective(N=N, C=C, seed=3, prior="noisy_labels", scope="dataset", sinkhorn=sk)[0]
+
+    short = dataset_objective(1, 1e-12)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         short.resolve_dataset(raw, epoch=0)
         short.resolve_dataset(raw, epoch=1)
     note = short.convergence_note()
     assert note is not None and "2 of 2" in note and "max_iter=1" in note and "epoch 1" in note
-    ample, _, _ = objective(
-        N=N,
-        C=C,
-        seed=3,
-        prior="noisy_labels",
-        scope="dataset",
-        sinkhorn=SinkhornParams(max_iter=5000, tol=1e-6),
-    )
+    ample = dataset_objective(5000, 1e-6)
     ample.resolve_dataset(raw, epoch=0)
     first = ample.solve["n_iter"]
     ample.resolve_dataset(raw, epoch=1)  # warm start from the same kernel's answer: nothing left to do
