@@ -310,12 +310,15 @@ class DsinkObjective:
         student_raw: np.ndarray,
         epoch: int = 0,
         weights: dict[str, torch.Tensor] | None = None,
+        max_iter: int | None = None,
     ) -> dict[str, float]:
         """Dataset scope: solve the class scaling over all samples from the student's raw logits.
 
         Every rank passes the same full ``(N, C)`` logits (:func:`gather_rows`); rank 0 solves and
         broadcasts ``log_u`` and the solver's statistics. ``weights`` (the student at the solve) are kept
         for :meth:`state_dict`, so a resumed run can rebuild this ``q`` with :meth:`rebuild_dataset`.
+        ``max_iter`` overrides ``sinkhorn.max_iter`` for this solve (a one-off solve with no earlier
+        solve to warm-start from).
         """
         s = self.p.sinkhorn
         log_k = self._log_kernel(student_raw)
@@ -329,7 +332,7 @@ class DsinkObjective:
                 log_u, info = ot.class_scaling(
                     log_k,
                     r.to(log_k.dtype),
-                    max_iter=s.max_iter,
+                    max_iter=s.max_iter if max_iter is None else max_iter,
                     tol=s.tol,
                     chunk_size=self.p.chunk_size,
                     log=True,

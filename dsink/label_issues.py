@@ -74,13 +74,11 @@ def surrogate_labels(
     (:func:`dsink.distill.train_space_logits`); ``student`` the student's logits file (raw logits).
     """
     objective = DsinkObjective(dp, noise_train, imbalance_train, noisy_labels)
-    # One solve, from a cold start: unlike training, no earlier solve carries updates over, so keep
-    # solving (each round warm-starts from the last) until the class totals are met or the budget ends.
-    for _ in range(SOLVE_ROUNDS):
-        objective.resolve_dataset(student.train)
-        if objective.solve["err"] <= dp.sinkhorn.tol:
-            break
-    else:
+    # One solve, from a cold start: unlike training, no earlier solve carries updates over, so it gets
+    # SOLVE_ROUNDS times the training budget to meet the class totals.
+    budget = SOLVE_ROUNDS * dp.sinkhorn.max_iter
+    objective.resolve_dataset(student.train, max_iter=budget)
+    if objective.solve["err"] > dp.sinkhorn.tol:
         sk = dp.sinkhorn
         warnings.warn(
             f"label_issues: the class totals were met only to a relative error of "
