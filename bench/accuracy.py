@@ -264,7 +264,8 @@ def read_curve(text: str) -> list[tuple[int, float]]:
     return [(int(float(r[si])), float(r[vi])) for r in rows[1:] if len(r) == len(head)]
 
 
-def _git_show(rev: str, path: str) -> str | None:
+def git_show(rev: str, path: str) -> str | None:
+    """``git show rev:path`` in this repository, or ``None`` where the commit has no such file."""
     out = subprocess.run(["git", "show", f"{rev}:{path}"], cwd=ROOT, capture_output=True, text=True)
     return out.stdout if out.returncode == 0 else None
 
@@ -307,7 +308,7 @@ def _load(prefix: str) -> dict[str, dict[str, Any]]:
         params = ((data.get("params") or {}).get("params.yaml") or {}).get("data")
         if metrics and params and "ce" in metrics:
             rev = exp.get("rev") or data.get("rev")
-            text = _git_show(rev, CE_CURVE) if rev else None
+            text = git_show(rev, CE_CURVE) if rev else None
             runs[name] = {
                 "rev": rev,
                 "metrics": metrics,

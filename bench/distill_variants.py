@@ -36,7 +36,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
-from accuracy import SINGLE, find_experiments  # noqa: E402
+from accuracy import SINGLE, find_experiments, git_show  # noqa: E402
 
 #: distill's inputs: path in the experiment -> file name here
 INPUTS = {
@@ -50,9 +50,10 @@ INPUTS = {
 
 
 def _git_show(rev: str, path: str) -> str:
-    return subprocess.run(
-        ["git", "show", f"{rev}:{path}"], cwd=ROOT, check=True, capture_output=True, text=True
-    ).stdout
+    text = git_show(rev, path)
+    if text is None:
+        raise SystemExit(f"commit {rev[:10]} has no {path}")
+    return text
 
 
 def extract(name: str, rev: str, root: Path) -> Path:

@@ -4,7 +4,8 @@
 of ``method.md`` (:func:`dsink.ot.dsink_targets`): cost from the noise-robust teacher's and the student's
 log-probabilities (per sample), class totals from the imbalance-robust teacher (per class). With
 ``cost_imbalance_weight = w > 0`` the per-sample teacher term is the geometric mixture ``f_N^(1-w) f_L^w``
-(:func:`teacher_log_evidence`).
+(:func:`teacher_log_evidence`); with ``class_totals_imbalance_weight = w_r < 1`` the class totals
+are read from the same kind of mixture, ``f_N^(1-w_r) f_L^w_r`` (:func:`class_total_weights`).
 
 The base loss (CE or logit-adjusted CE on the noisy labels, or none) can be kept from memorising the
 noisy labels on a long schedule in two ways (the defaults are the original full-weight term):
@@ -19,6 +20,7 @@ training-set quantity, so the imbalance teacher's probabilities are read in the 
 - teacher logits are read as ``raw + train_offset`` (from the file's metadata, written by
   ``dump_logits``); a file without it is taken as training-prior unless ``distill.imbalance_space``
   says ``balanced``, in which case the noisy-label prior is added.
+- with ``w_r < 1`` the noise teacher enters the totals too, so it is read the same way (its metadata).
 
 The cost does not depend on a prior: ``q_ic = u_c v_i sqrt(f_N(x_i)_c f(x_i)_c)``, so a per-class offset
 on ``log f_N`` or ``log f`` only rescales ``u`` (a shifted noise teacher gives the same ``q``; tested).
@@ -126,6 +128,33 @@ def teacher_log_evidence(
     return log_fn.float()
 
 
+def class_total_weights(noise_train: np.ndarray, imbalance_train: np.ndarray, weight: float) -> torch.Tensor:
+    """Each sample's share of the class totals: ``softmax(log f_N^(1-w_r) f_L^w_r)``, ``w_r = weight``.
+
+    ``w_r = 1`` is the paper (``f_L`` alone, trusted per class). Unlike the cost, the totals are a
+    training-set histogram, so both teachers must be read in the training-prior space
+    (:func:`train_space_logits`). The mixture is renormalised per sample. Float32, ``(N, C)``.
+    """
+    if weight >= 1.0:
+        return torch.softmax(torch.from_numpy(np.asarray(imbalance_train)).float(), dim=1)
+    log_mix = teacher_log_evidence(noise_train, imbalance_train, weight)
+    return torch.softmax(log_mix.double(), dim=1).float()
+
+
+def teachers_train_space(
+    t_n: TeacherLogits, t_l: TeacherLogits, p: DistillParams, index: CorruptedIndex
+) -> tuple[np.ndarray, np.ndarray]:
+    """The (noise, imbalance) teachers' training logits as the objective reads them: training-prior space.
+
+    The imbalance teacher's space follows ``distill.imbalance_space``; the noise teacher's follows its
+    file's metadata (a per-class offset on it does not change the cost, only the class totals when
+    ``class_totals_imbalance_weight < 1``).
+    """
+    n_train, _ = train_space_logits(t_n, "auto", index, "noise")
+    l_train, _ = train_space_logits(t_l, p.imbalance_space, index, "imbalance")
+    return n_train, l_train
+
+
 class DsinkObjective:
     """Callable objective for :func:`dsink.engine.train` (rows index the corrupted set).
 
@@ -148,7 +177,7 @@ class DsinkObjective:
         self.log_fn = teacher_log_evidence(
             noise_train, imbalance_train, p.cost_imbalance_weight, s.temperature
         )
-        p_l = torch.softmax(torch.from_numpy(imbalance_train).float(), dim=1)
+        p_l = class_total_weights(noise_train, imbalance_train, p.class_totals_imbalance_weight)
         if p.class_totals == "hard":
             p_l = F.one_hot(p_l.argmax(1), p_l.shape[1]).float()
         self.p_l = p_l
@@ -508,9 +537,8 @@ def fit_student(
                     f"teachers disagree on {a}: {imbalance_logits} has {t_l.meta[a]!r}, "
                     f"{noise_logits} has {t_n.meta[b]!r}"
                 )
-        l_train, _ = train_space_logits(t_l, dp.imbalance_space, idx, "imbalance")
-        # the noise teacher's space does not matter: a per-class offset on log f_N is absorbed by u
-        objective = DsinkObjective(dp, t_n.train, l_train, idx.noisy_label, rt)
+        n_train, l_train = teachers_train_space(t_n, t_l, dp, idx)
+        objective = DsinkObjective(dp, n_train, l_train, idx.noisy_label, rt)
         torch.manual_seed(params.seed)
         model = build_model(dp.model, idx.num_classes, corpus.source.channels)
         ckpt = checkpoint_dir(

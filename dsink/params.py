@@ -235,11 +235,14 @@ class DistillParams(TrainParams):
     # w: the per-sample evidence in the cost is the geometric mixture f_N^(1-w) f_L^w (0: f_N alone, the
     # paper); f_L then also speaks per sample, which helps once f_N's in-sample logits carry memorised labels
     cost_imbalance_weight: float = _opt(0.0, ge=0.0, le=1.0)
+    # w_r: the class totals are read from f_N^(1-w_r) f_L^w_r (1: f_L alone, the paper). Below 1 the noise
+    # teacher's per-sample view corrects a class histogram f_L gets wrong (e.g. a tail it under-predicts)
+    class_totals_imbalance_weight: float = _opt(1.0, ge=0.0, le=1.0)
     # the student's training prior: its raw logits + tau*log(prior) are trained against q (train space)
     prior: str = _opt("imbalance_teacher", choices=("imbalance_teacher", "noisy_labels"))
     # how to read the imbalance teacher's raw logits for the class totals: auto = its metadata
-    # ``train_offset`` (none: train space). The noise teacher has no such switch: it enters only the cost,
-    # where a per-class offset is absorbed by the class scaling and changes nothing.
+    # ``train_offset`` (none: train space). The noise teacher is always read by its metadata: in the cost
+    # a per-class offset is absorbed by the class scaling; it matters only in the totals, when w_r < 1.
     imbalance_space: str = _opt("auto", choices=("auto", "train", "balanced"))
     chunk_size: int = _opt(65536, ge=1)
     sinkhorn: SinkhornParams = _sub(SinkhornParams)

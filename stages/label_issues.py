@@ -23,7 +23,7 @@ def main(args: argparse.Namespace) -> None:
 
     from dsink.artifacts import atomic_path, read_corrupted, read_logits, read_validation, write_json
     from dsink.data.sources import load_source
-    from dsink.distill import train_space_logits
+    from dsink.distill import teachers_train_space
     from dsink.evaluation import class_groups
     from dsink.label_issue_metrics import grouped_detection_scores, has_ground_truth
     from dsink.label_issues import (
@@ -46,8 +46,8 @@ def main(args: argparse.Namespace) -> None:
         for p in (args.imbalance_logits, args.noise_logits, args.student_logits)
     )
     dp = params.distill
-    l_train, _ = train_space_logits(t_l, dp.imbalance_space, index, "imbalance")
-    q = surrogate_labels(dp, t_n.train, l_train, student, index.noisy_label)
+    n_train, l_train = teachers_train_space(t_n, t_l, dp, index)
+    q = surrogate_labels(dp, n_train, l_train, student, index.noisy_label)
     issues = find_issues(q, index.noisy_label, index.sample_id)
     names = [str(n) for n in index.meta.get("class_names") or range(index.num_classes)]
     write_issues(

@@ -26,7 +26,13 @@ from dsink.artifacts import (
     read_logits,
     write_logits,
 )
-from dsink.distill import DsinkObjective, gather_rows, shard_bounds, train_space_logits
+from dsink.distill import (
+    DsinkObjective,
+    gather_rows,
+    shard_bounds,
+    teachers_train_space,
+    train_space_logits,
+)
 from dsink.errors import DsinkError
 from dsink.params import DistillParams, SinkhornParams, load_params
 from dsink.runtime import Runtime
@@ -340,6 +346,49 @@ def test_hard_class_totals_count_argmax():
     q = obj.targets(torch.zeros(8, 4), torch.arange(8))
     counts = torch.bincount(torch.from_numpy(imb).argmax(1), minlength=4).float()
     assert torch.allclose(q.sum(0), counts, atol=1e-4)
+
+
+@pytest.mark.parametrize("totals", ["soft", "hard"])
+@pytest.mark.parametrize("v", [0.0, 0.35, 1.0])
+def test_class_totals_from_the_teachers_geometric_mixture(totals, v):
+    """Oracle in numpy: a sample's share of the totals is ``f_N^(1-w_r) f_L^w_r`` renormalised."""
+    obj, noise, imb = objective(
+        N=40, seed=7, class_totals=totals, prior="imbalance_teacher", class_totals_imbalance_weight=v
+    )
+
+    def softmax(z):
+        e = np.exp(z - z.max(1, keepdims=True))
+        return e / e.sum(1, keepdims=True)
+
+    mix = softmax(noise.astype(np.float64)) ** (1 - v) * softmax(imb.astype(np.float64)) ** v
+    mix /= mix.sum(1, keepdims=True)
+    want = np.eye(4)[mix.argmax(1)] if totals == "hard" else mix
+    assert np.allclose(obj.p_l.numpy(), want, atol=1e-5)
+    q = obj.targets(torch.zeros(40, 4), torch.arange(40))
+    assert np.allclose(q.sum(0).numpy(), want.sum(0), atol=1e-3)
+    # the student's prior is the same totals, smoothed by the one prior rule
+    assert np.allclose(obj.train_log_prior, np.log((want.sum(0) + 1) / (40 + 4)))
+
+
+def test_class_totals_below_one_read_the_noise_teacher_in_its_training_space():
+    """A per-class offset on f_N leaves the cost alone, but with w_r < 1 it enters the totals, so the
+    noise teacher is read as raw + its file's train_offset (not raw)."""
+    idx = CorruptedIndex(
+        sample_id=np.arange(6, dtype=np.int64), clean_label=np.zeros(6, np.int64),
+        noisy_label=np.array([0, 0, 0, 1, 1, 2]), is_noisy=np.zeros(6, bool), meta={"num_classes": 3},
+    )  # fmt: skip
+    raw = np.zeros((6, 3), np.float32)
+    off = [0.0, 1.0, -1.0]
+    t_n = TeacherLogits(raw, raw[:2], {"train_offset": off})
+    t_l = TeacherLogits(raw + 5, raw[:2], {})
+    n_tr, l_tr = teachers_train_space(t_n, t_l, DistillParams(), idx)
+    assert np.allclose(n_tr, raw + np.float32(off)) and np.array_equal(l_tr, raw + 5)
+    shifted, _, _ = objective(N=40, seed=2, class_totals_imbalance_weight=0.0, noise_shift=[0, 3, 0, 0])
+    plain, _, _ = objective(N=40, seed=2, class_totals_imbalance_weight=0.0)
+    assert shifted.p_l.sum(0)[1] > plain.p_l.sum(0)[1] + 1
+    paper_s, _, _ = objective(N=40, seed=2, noise_shift=[0, 3, 0, 0])
+    paper, _, _ = objective(N=40, seed=2)
+    assert torch.equal(paper_s.p_l, paper.p_l)  # w_r = 1: f_N does not enter the totals
 
 
 def test_dataset_scope_equals_batch_scope_on_the_whole_set():
