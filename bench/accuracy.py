@@ -451,10 +451,37 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def with_variant_student(
+    runs: dict[str, dict[str, Any]], variants: dict[str, Any], name: str
+) -> dict[str, dict[str, Any]]:
+    """``runs`` with each experiment's D-SINK metrics replaced by those of the student that
+    `bench/distill_variants.py` retrained on the same experiment's teachers as variant ``name`` (its
+    ``--out`` JSON, ``variants``). Experiments the variant did not cover are left out, so that every row
+    compares the same students; the other methods' metrics stay the experiment's own."""
+    rows = [r for r in variants.get("rows", []) if r.get("variant") == name]
+    if not rows:
+        raise SystemExit(f"the variants file has no variant {name!r}")
+    cells: dict[str, Any] = {}
+    for r in rows:
+        cells.update(r["cells"])
+    out = {}
+    for exp, run in runs.items():
+        student = (cells.get(exp) or {}).get("dsink")
+        if student is None:
+            continue
+        out[exp] = {**run, "metrics": {**run["metrics"], "dsink": student}, "label_issues": None}
+    return out
+
+
 def cmd_collect(args: argparse.Namespace) -> None:
     regime = REGIMES[args.regime]
     prefix = regime_prefix(regime, args.tag)
     runs = _load(prefix)
+    if args.dsink_variant:
+        path, name = args.dsink_variant
+        found = len(runs)
+        runs = with_variant_student(runs, json.loads(Path(path).read_text()), name)
+        print(f"D-SINK from variant {name!r} of {path}: {len(runs)} of {found} experiments")
     rows = summarise(runs, regime.settings)
     text = markdown(rows)
     print(text)
@@ -494,6 +521,13 @@ def main(argv: list[str] | None = None) -> None:
     c.add_argument("--regime", choices=sorted(REGIMES), default="memorising")
     c.add_argument("--tag", default=None, help="the variant to collect (see queue --tag)")
     c.add_argument("--out", default=None, help="JSON (default bench/results/accuracy_<prefix>.json)")
+    c.add_argument(
+        "--dsink-variant",
+        nargs=2,
+        metavar=("JSON", "NAME"),
+        default=None,
+        help="D-SINK's student from bench/distill_variants.py's JSON, variant NAME (only its experiments)",
+    )
     c.set_defaults(fn=cmd_collect)
     args = p.parse_args(argv)
     args.argv = argv

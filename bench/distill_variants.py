@@ -15,7 +15,9 @@ today's code, without touching the workspace or the queue.
 
 It prints, per variant, D-SINK's validation top-1 in every experiment and their mean (what to choose
 on) and the test top-1 beside it (for reading only), next to the best other method of the experiment
-(its validation and test top-1 as the experiment measured them), and writes the rows as JSON. A variant
+(its validation and test top-1 as the experiment measured them), and writes the rows as JSON, with each
+student's whole metrics block: `bench/accuracy.py collect --dsink-variant <json> <name>` builds the
+grid's table with a variant's student in place of the one each experiment trained. A variant
 already computed (same experiment, same effective params, same stage code) is read back, not retrained.
 """
 
@@ -175,7 +177,12 @@ def main(argv: list[str] | None = None) -> None:
         row: dict[str, Any] = {"variant": name, "overrides": sets, "cells": {}}
         for e, cell in cells.items():
             m = run_variant(cell, name, sets, code)
-            row["cells"][e] = {"val": _top1(m, "val"), "test": _top1(m, "test"), "few": m.get("few")}
+            row["cells"][e] = {
+                "val": _top1(m, "val"),
+                "test": _top1(m, "test"),
+                "few": m.get("few"),
+                "dsink": m,
+            }
             print(
                 f"{name:>12} {e}: val {row['cells'][e]['val']:.4f} test {row['cells'][e]['test']:.4f}",
                 flush=True,

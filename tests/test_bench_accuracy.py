@@ -148,3 +148,28 @@ def test_queue_state_reads_the_last_column_of_dvc_queue_status():
         "Worker status: 2 active, 0 idle",
     ]
     assert [bench.queue_state(ln) for ln in lines] == [None, "Running", "Queued", "Success", None]
+
+
+def test_a_distill_variant_replaces_only_the_student_and_only_where_it_ran():
+    runs = {
+        "mem-r100-sym0.4-s0": _run(0, {"ce": 0.60, "noise_teacher": 0.74, "dsink": 0.70}, [0.5, 0.6]),
+        "mem-r100-sym0.4-s1": _run(1, {"ce": 0.62, "noise_teacher": 0.72, "dsink": 0.71}, [0.5, 0.6]),
+    }
+    student = {"top1": 0.79, "few": 0.5, "val": {"top1": 0.78}}
+    variants = {
+        "rows": [
+            {"variant": "other", "cells": {"mem-r100-sym0.4-s1": {"dsink": {"top1": 0.1}}}},
+            {"variant": "wr0.3", "cells": {"mem-r100-sym0.4-s0": {"val": 0.78, "dsink": student}}},
+        ]
+    }
+    out = bench.with_variant_student(runs, variants, "wr0.3")
+    assert list(out) == ["mem-r100-sym0.4-s0"]  # s1 has no student of this variant: left out
+    m = out["mem-r100-sym0.4-s0"]["metrics"]
+    assert (
+        m["dsink"] == student and m["noise_teacher"] == runs["mem-r100-sym0.4-s0"]["metrics"]["noise_teacher"]
+    )
+    assert runs["mem-r100-sym0.4-s0"]["metrics"]["dsink"]["top1"] == 0.70  # the input is not changed
+    (row,) = bench.summarise(out, bench.REGIMES["memorising"].settings)
+    assert row["dsink_paired_margin"]["mean"] == pytest.approx(0.79 - 0.74)
+    with pytest.raises(SystemExit, match="no variant 'nope'"):
+        bench.with_variant_student(runs, variants, "nope")
