@@ -75,3 +75,18 @@ def test_unknown_experiments_are_refused_before_anything_runs(monkeypatch):
     monkeypatch.setattr(dv, "find_experiments", lambda root: {"mem-r100-sym0.4-s0": "0" * 40})
     with pytest.raises(SystemExit, match="not finished experiments: nope"):
         dv.main(["--exps", "nope", "--variant", "paper"])
+
+
+def _load_class_totals():
+    spec = importlib.util.spec_from_file_location("bench_class_totals", ROOT / "bench" / "class_totals.py")
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_class_totals_diagnostic_total_variation_by_hand():
+    ct = _load_class_totals()
+    assert ct.total_variation([10, 0], [5, 5]) == pytest.approx(0.5)
+    assert ct.total_variation([2, 2, 4], [1, 1, 2]) == pytest.approx(0.0)  # scale does not matter
+    assert ct.total_variation([3, 1, 0], [0, 1, 3]) == pytest.approx(0.75)

@@ -1,0 +1,79 @@
+"""How well do the class totals estimate the training set's true class histogram? (diagnostic)
+
+D-SINK's class totals stand for how many training samples each class really holds. This script reads a
+finished experiment's teachers (from git and the DVC cache, as `bench/distill_variants.py` does) and, for
+each ``distill.class_totals_imbalance_weight`` (``w_r``) asked for, counts the argmax of the mixture
+``f_N^(1-w_r) f_L^w_r`` over the training set (``class_totals: hard``,
+:func:`dsink.distill.class_total_weights`) and compares it with the clean-label histogram: total
+variation distance and the four rarest classes.
+The clean labels are read here for evaluation only; nothing chooses a setting from this table (that is
+the validation split's job, BENCHMARKS.md).
+
+    python bench/class_totals.py --exps mem_cw-r100-sym0.4-s0 mem_cw-r100-imb0.4-s0 --weights 1 0.3 0
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+from accuracy import find_experiments  # noqa: E402
+from distill_variants import extract  # noqa: E402
+
+
+def total_variation(counts: np.ndarray, reference: np.ndarray) -> float:
+    """``(1/2) sum_c |p_c - r_c|`` between the two histograms normalised to 1."""
+    p = np.asarray(counts, dtype=np.float64)
+    r = np.asarray(reference, dtype=np.float64)
+    return float(0.5 * np.abs(p / p.sum() - r / r.sum()).sum())
+
+
+def main(argv: list[str] | None = None) -> None:
+    from dsink.artifacts import read_corrupted, read_logits
+    from dsink.distill import class_total_weights, teachers_train_space
+    from dsink.params import DistillParams
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--exps", nargs="+", required=True, help="finished experiment names")
+    p.add_argument("--weights", nargs="+", type=float, default=[1.0, 0.3, 0.0], help="w_r values")
+    p.add_argument("--workdir", default=str(ROOT / ".dsink/bench/variants"), help="where inputs are kept")
+    p.add_argument("--out", default=str(ROOT / "bench/results/class_totals.json"), help="JSON rows")
+    args = p.parse_args(argv)
+    finished = find_experiments(ROOT)
+    unknown = [e for e in args.exps if e not in finished]
+    if unknown:
+        raise SystemExit(f"not finished experiments: {', '.join(unknown)}")
+    rows = []
+    print("| experiment | w_r | TV to the clean histogram | four rarest classes (clean) |")
+    print("|---|---|---|---|")
+    for e in args.exps:
+        cell = extract(e, finished[e], Path(args.workdir))
+        idx = read_corrupted(cell / "train.parquet")
+        C = idx.num_classes
+        t_n, t_l = (read_logits(cell / f, idx) for f in ("noise.parquet", "imbalance.parquet"))
+        n_train, l_train = teachers_train_space(t_n, t_l, DistillParams(), idx)
+        clean = np.bincount(idx.clean_label, minlength=C)
+        rare = np.argsort(clean, kind="stable")[:4][::-1]
+        for w in args.weights:
+            counts = np.bincount(class_total_weights(n_train, l_train, w).argmax(1).numpy(), minlength=C)
+            tv = total_variation(counts, clean)
+            rows.append(
+                {"experiment": e, "w_r": w, "tv": tv, "counts": counts.tolist(), "clean": clean.tolist()}
+            )
+            pairs = ", ".join(f"{counts[c]} ({clean[c]})" for c in rare)
+            print(f"| {e} | {w:g} | {tv:.3f} | {pairs} |")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    cmd = "python bench/class_totals.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    out.write_text(json.dumps({"command": cmd, "rows": rows}, indent=1) + "\n")
+    print(f"-> {out}")
+
+
+if __name__ == "__main__":
+    main()
