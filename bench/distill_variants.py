@@ -107,10 +107,16 @@ def _code_hash() -> str:
     return h.hexdigest()[:16]
 
 
-def run_variant(cell: Path, variant: str, sets: list[str], code: str) -> dict[str, Any]:
+def variant_dir(cell: Path, variant: str, sets: list[str], code: str) -> Path:
+    """Where the variant's student of ``cell`` is kept: keyed by its effective params and the stage code."""
     params = with_overrides(yaml.safe_load((cell / "params.yaml").read_text()), sets)
     key = hashlib.sha256(json.dumps([params, code], sort_keys=True).encode()).hexdigest()[:16]
-    d = cell / f"{variant}-{key}"
+    return cell / f"{variant}-{key}"
+
+
+def run_variant(cell: Path, variant: str, sets: list[str], code: str) -> dict[str, Any]:
+    params = with_overrides(yaml.safe_load((cell / "params.yaml").read_text()), sets)
+    d = variant_dir(cell, variant, sets, code)
     result = d / "evaluate.json"
     if not result.exists():
         d.mkdir(parents=True, exist_ok=True)
@@ -181,6 +187,7 @@ def main(argv: list[str] | None = None) -> None:
                 "val": _top1(m, "val"),
                 "test": _top1(m, "test"),
                 "few": m.get("few"),
+                "dir": str(variant_dir(cell, name, sets, code)),
                 "dsink": m,
             }
             print(

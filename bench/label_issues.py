@@ -38,7 +38,10 @@ each finished one's params.yaml and outputs out of git and the DVC cache into
 .dsink/bench/exps/<name>-<rev>/ (the workspace is never touched; an experiment that predates the
 `label_issues` stage gets data/label_issues.parquet from the current stage code) and runs the
 comparison there. `--queue-missing` queues the missing cells with bench/accuracy.py's overrides; run
-them with `python bench/accuracy.py start --jobs 2 --wait`, then `--grid` again.
+them with `python bench/accuracy.py start --jobs 2 --wait`, then `--grid` again. `--student-variant
+JSON NAME` compares the student that `bench/distill_variants.py` retrained as variant NAME on each
+experiment's teachers (its `--out` JSON) instead of the experiment's own, with the label issues
+recomputed from it by the stage script (the teachers and the plain-CE folds stay the experiment's).
 
 cleanlab is a bench-only dependency: `pip install -e '.[bench]'`.
 """
@@ -548,17 +551,41 @@ def materialise(repo: Path, rev: str, dest: Path) -> tuple[Path, bool]:
     recomputed = False
     if not (dest / ISSUES).is_file():
         say(f"{rev[:8]}: no {ISSUES} in the experiment; computing it with stages/label_issues.py")
-        cmd = [
-            sys.executable, str(ROOT / "stages" / "label_issues.py"), "--params", str(dest / "params.yaml"),
-            "--corrupted", str(dest / CORRUPTED), "--val", str(dest / VAL),
-            "--imbalance-logits", str(dest / IMBALANCE), "--noise-logits", str(dest / NOISE),
-            "--student-logits", str(dest / STUDENT), "--out", str(dest / ISSUES),
-            "--csv", str(dest / "data" / "label_issues.csv"),
-            "--metrics", str(dest / "metrics" / "label_issues.json"),
-        ]  # fmt: skip
-        subprocess.run(cmd, check=True, cwd=ROOT, env=dict(os.environ, TQDM_DISABLE="1"))
+        compute_issues(dest)
         recomputed = True
     return dest, recomputed
+
+
+def with_student(workspace: Path, variant_dir: Path, dest: Path) -> Path:
+    """A copy of ``workspace`` whose student is the one `bench/distill_variants.py` retrained in
+    ``variant_dir`` (its params.yaml and logits, on the same teachers), with data/label_issues.parquet
+    computed afresh from that student by the stage script."""
+    import yaml
+
+    if not (dest / ISSUES).is_file():
+        for rel in (CORRUPTED, VAL, IMBALANCE, NOISE):
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(workspace / rel, dest / rel)
+        (dest / STUDENT).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(variant_dir / "logits.parquet", dest / STUDENT)
+        params = yaml.safe_load((variant_dir / "params.yaml").read_text())
+        params["data"]["root"] = yaml.safe_load((workspace / "params.yaml").read_text())["data"]["root"]
+        (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        compute_issues(dest)
+    return dest
+
+
+def compute_issues(dest: Path) -> None:
+    """data/label_issues.parquet of the workspace ``dest``, by the project's `label_issues` stage script."""
+    cmd = [
+        sys.executable, str(ROOT / "stages" / "label_issues.py"), "--params", str(dest / "params.yaml"),
+        "--corrupted", str(dest / CORRUPTED), "--val", str(dest / VAL),
+        "--imbalance-logits", str(dest / IMBALANCE), "--noise-logits", str(dest / NOISE),
+        "--student-logits", str(dest / STUDENT), "--out", str(dest / ISSUES),
+        "--csv", str(dest / "data" / "label_issues.csv"),
+        "--metrics", str(dest / "metrics" / "label_issues.json"),
+    ]  # fmt: skip
+    subprocess.run(cmd, check=True, cwd=ROOT, env=dict(os.environ, TQDM_DISABLE="1"))
 
 
 def queue_missing(
@@ -590,6 +617,8 @@ def grid_markdown(results: list[dict[str, Any]]) -> str:
 
 
 def cmd_grid(args: argparse.Namespace) -> None:
+    from dsink.errors import DsinkError
+
     repo = Path(args.repo).resolve()
     cells = grid_names(args.ratios, args.noise, args.seeds, args.regime, args.tag)
     found = find_experiments(repo)
@@ -598,14 +627,19 @@ def cmd_grid(args: argparse.Namespace) -> None:
         say("not run yet: " + ", ".join(c[0] for c in missing))
         if args.queue_missing:
             if args.tag:
-                from dsink.errors import DsinkError
-
                 raise DsinkError(
                     "--queue-missing queues the regime's own cells; queue a variant with "
                     "bench/accuracy.py queue --tag TAG --set KEY=VALUE"
                 )
             queue_missing(repo, missing, args.regime, args.epochs, args.fp32)
             say("run them: python bench/accuracy.py start --jobs 2 --wait; then this command again")
+    variant_dirs = None
+    if args.student_variant:
+        path, vname = args.student_variant
+        rows = [r for r in json.loads(Path(path).read_text())["rows"] if r["variant"] == vname]
+        variant_dirs = {e: c["dir"] for r in rows for e, c in r["cells"].items() if c.get("dir")}
+        if not variant_dirs:
+            raise DsinkError(f"{path}: no students of variant {vname!r} (rerun bench/distill_variants.py)")
     results = []
     for name, ratio, setting, _seed in cells:
         if name not in found:
@@ -613,6 +647,13 @@ def cmd_grid(args: argparse.Namespace) -> None:
         rev = found[name]
         say(f"{name} ({rev[:8]})")
         ws, recomputed = materialise(repo, rev, repo / ".dsink" / "bench" / "exps" / f"{name}-{rev[:8]}")
+        if variant_dirs is not None:
+            if name not in variant_dirs:
+                say(f"{name}: no student of variant {args.student_variant[1]!r}; left out")
+                continue
+            ws = with_student(
+                ws, Path(variant_dirs[name]), ws.with_name(f"{ws.name}-{args.student_variant[1]}")
+            )
         res = compare(ws, folds=args.folds, seed=args.seed, cache_dir=repo / ".dsink" / "bench", repo=repo)
         res.update(
             experiment=name,
@@ -673,6 +714,14 @@ def main(argv: list[str] | None = None) -> None:
     g.add_argument("--tag", default=None, help="a variant's experiments (bench/accuracy.py queue --tag)")
     g.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds (data and models)")
     g.add_argument("--queue-missing", action="store_true", help="queue the cells with no experiment yet")
+    g.add_argument(
+        "--student-variant",
+        nargs=2,
+        metavar=("JSON", "NAME"),
+        default=None,
+        help="D-SINK's student retrained by bench/distill_variants.py (its JSON, variant NAME) in place of "
+        "each experiment's; label issues recomputed from it",
+    )
     g.add_argument(
         "--epochs",
         type=int,

@@ -328,3 +328,29 @@ def test_grid_over_a_real_dvc_experiment(tmp_path, monkeypatch):
     assert recomputed
     kept = pq.read_table(Path(cell["workspace"]) / bench.ISSUES)
     assert pq.read_table(ws / bench.ISSUES).equals(kept)
+
+
+def test_with_student_swaps_only_the_student_and_its_params_and_recomputes_the_issues(tmp_path, monkeypatch):
+    ws, var = tmp_path / "ws", tmp_path / "variant"
+    for rel in (bench.CORRUPTED, bench.VAL, bench.IMBALANCE, bench.NOISE, bench.STUDENT, bench.ISSUES):
+        (ws / rel).parent.mkdir(parents=True, exist_ok=True)
+        (ws / rel).write_text(f"exp {rel}")
+    (ws / "params.yaml").write_text("data: {root: /abs/raw}\ndistill: {class_totals_imbalance_weight: 1.0}\n")
+    var.mkdir()
+    (var / "logits.parquet").write_text("variant student")
+    (var / "params.yaml").write_text(
+        "data: {root: data/raw}\ndistill: {class_totals_imbalance_weight: 0.3}\n"
+    )
+    calls = []
+    monkeypatch.setattr(
+        bench, "compute_issues", lambda d: (calls.append(d), (d / bench.ISSUES).write_text("new"))
+    )
+    dest = bench.with_student(ws, var, tmp_path / "out")
+    assert calls == [dest]
+    assert (dest / bench.STUDENT).read_text() == "variant student"
+    assert (dest / bench.NOISE).read_text() == f"exp {bench.NOISE}"  # the teachers are the experiment's
+    assert (dest / bench.ISSUES).read_text() == "new"  # not the experiment's issues
+    params = (dest / "params.yaml").read_text()
+    assert "0.3" in params and "/abs/raw" in params  # the variant's params, the workspace's data root
+    bench.with_student(ws, var, dest)  # done already: not recomputed
+    assert calls == [dest]
