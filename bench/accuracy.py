@@ -291,6 +291,13 @@ def find_experiments(repo: Path) -> dict[str, str]:
     return found
 
 
+def require_finished(names: list[str], finished: dict[str, str]) -> None:
+    """Refuse (exit with a message) when any of ``names`` is not a finished experiment."""
+    unknown = [e for e in names if e not in finished]
+    if unknown:
+        raise SystemExit(f"not finished experiments: {', '.join(unknown)}")
+
+
 def _load(prefix: str) -> dict[str, dict[str, Any]]:
     out = subprocess.run(
         [DVC, "exp", "show", "--json", "-A"], cwd=ROOT, check=True, capture_output=True, text=True

@@ -23,7 +23,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
-from accuracy import find_experiments  # noqa: E402
+from accuracy import find_experiments, require_finished  # noqa: E402
 from distill_variants import extract  # noqa: E402
 
 
@@ -46,9 +46,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", default=str(ROOT / "bench/results/class_totals.json"), help="JSON rows")
     args = p.parse_args(argv)
     finished = find_experiments(ROOT)
-    unknown = [e for e in args.exps if e not in finished]
-    if unknown:
-        raise SystemExit(f"not finished experiments: {', '.join(unknown)}")
+    require_finished(args.exps, finished)
     rows = []
     print("| experiment | w_r | TV to the clean histogram | four rarest classes (clean) |")
     print("|---|---|---|---|")

@@ -38,7 +38,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
-from accuracy import SINGLE, find_experiments, git_show  # noqa: E402
+from accuracy import SINGLE, find_experiments, git_show, require_finished  # noqa: E402
 
 #: distill's inputs: path in the experiment -> file name here
 INPUTS = {
@@ -167,9 +167,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", default=str(ROOT / "bench/results/distill_variants.json"), help="JSON rows")
     args = p.parse_args(argv)
     finished = find_experiments(ROOT)
-    unknown = [e for e in args.exps if e not in finished]
-    if unknown:
-        raise SystemExit(f"not finished experiments: {', '.join(unknown)}")
+    require_finished(args.exps, finished)
     root = Path(args.workdir)
     cells = {e: extract(e, finished[e], root) for e in args.exps}
     code = _code_hash()

@@ -13,10 +13,8 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _load():
-    spec = importlib.util.spec_from_file_location(
-        "bench_distill_variants", ROOT / "bench" / "distill_variants.py"
-    )
+def _load(script: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{script}", ROOT / "bench" / f"{script}.py")
     assert spec is not None and spec.loader is not None
     mod = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = mod
@@ -24,7 +22,7 @@ def _load():
     return mod
 
 
-dv = _load()
+dv = _load("distill_variants")
 
 
 def test_overrides_set_nested_keys_with_yaml_types_and_leave_the_original_alone():
@@ -77,16 +75,8 @@ def test_unknown_experiments_are_refused_before_anything_runs(monkeypatch):
         dv.main(["--exps", "nope", "--variant", "paper"])
 
 
-def _load_class_totals():
-    spec = importlib.util.spec_from_file_location("bench_class_totals", ROOT / "bench" / "class_totals.py")
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def test_class_totals_diagnostic_total_variation_by_hand():
-    ct = _load_class_totals()
+    ct = _load("class_totals")
     assert ct.total_variation([10, 0], [5, 5]) == pytest.approx(0.5)
     assert ct.total_variation([2, 2, 4], [1, 1, 2]) == pytest.approx(0.0)  # scale does not matter
     assert ct.total_variation([3, 1, 0], [0, 1, 3]) == pytest.approx(0.75)
