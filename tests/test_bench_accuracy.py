@@ -173,3 +173,12 @@ def test_a_distill_variant_replaces_only_the_student_and_only_where_it_ran():
     assert row["dsink_paired_margin"]["mean"] == pytest.approx(0.79 - 0.74)
     with pytest.raises(SystemExit, match="no variant 'nope'"):
         bench.with_variant_student(runs, variants, "nope")
+
+
+def test_convolutional_long_regime_is_the_memorising_schedule_on_small_cnn():
+    mem, cnn = bench.REGIMES["memorising"], bench.REGIMES["memorising_cnn"]
+    assert cnn.model == "small_cnn" and mem.model == "mlp"
+    assert (cnn.epochs, cnn.augment, cnn.ce_track_every) == (mem.epochs, mem.augment, mem.ce_track_every)
+    sets = _sets(bench.overrides(100, cnn.settings[0], 0, cnn, "/d"))
+    assert sets["train.model"] == "small_cnn" and sets["train.epochs"] == str(mem.epochs)
+    assert bench.regime_prefix(cnn, None) != bench.regime_prefix(mem, None)
