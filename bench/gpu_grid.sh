@@ -9,15 +9,18 @@
 #
 #   bench/gpu_grid.sh                       # the whole grid (ratio 100 x 3 seeds, ratio 10 x 1 seed)
 #   JOBS=8 bench/gpu_grid.sh --seeds 0      # any `accuracy.py queue` option passes through
+#   REGIME=memorising_cnn bench/gpu_grid.sh # the convolutional long-schedule cells (small_cnn)
 #
-# Writes bench/results/accuracy_mem_gpu.json (the table) and bench/results/queue_wall.json (wall time).
+# Writes bench/results/accuracy_<prefix>_gpu.json (the table: accuracy_mem_gpu.json by default) and bench/results/queue_wall.json (wall time).
 # Needs the project's environment (`make setup`) and Fashion-MNIST under data/raw (`make data`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
 JOBS=${JOBS:-6}
+REGIME=${REGIME:-memorising}
 "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA device visible')"
 export DSINK_DATA_ON_DEVICE=1
-"$PY" bench/accuracy.py queue --regime memorising "$@"
+"$PY" bench/accuracy.py queue --regime "$REGIME" "$@"
 "$PY" bench/accuracy.py start --jobs "$JOBS" --wait
-"$PY" bench/accuracy.py collect --regime memorising --out bench/results/accuracy_mem_gpu.json
+PREFIX=$("$PY" -c "import sys; sys.path.insert(0, 'bench'); import accuracy; print(accuracy.REGIMES['$REGIME'].prefix)")
+"$PY" bench/accuracy.py collect --regime "$REGIME" --out "bench/results/accuracy_${PREFIX}_gpu.json"
