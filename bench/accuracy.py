@@ -21,6 +21,8 @@ Three regimes (`--regime`):
     python bench/accuracy.py queue --regime memorising          # ratio 100 x 3 seeds, ratio 10 x 1 seed
     python bench/accuracy.py start --jobs 2 --wait              # two workers, one torch thread each
     python bench/accuracy.py collect --regime memorising        # table + bench/results/accuracy_mem.json
+    python bench/accuracy.py grid --regime memorising --jobs 2  # the three in one command; its wall
+                                                                # time: bench/results/grid_wall_mem.json
 
 `collect` reads finished experiments only (`dvc exp show --json`) and reports mean and spread (sample
 standard deviation) over seeds and D-SINK's margin paired by seed, so it can be rerun while the queue
@@ -514,11 +516,25 @@ def cmd_collect(args: argparse.Namespace) -> None:
     print(f"\n{len(runs)} experiments -> {out}")
 
 
-def main(argv: list[str] | None = None) -> None:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="command", required=True)
-    q = sub.add_parser("queue", help="queue the grid as DVC experiments")
+def cmd_grid(args: argparse.Namespace) -> None:
+    """The whole grid in one command: queue it, drain the queue with ``--jobs`` workers, collect the
+    table, and record the wall time from the first queued experiment to the table."""
+    start = time.time()
+    cmd_queue(args)
+    args.wait = True
+    cmd_start(args)
+    args.dsink_variant = None
+    cmd_collect(args)
+    wall = time.time() - start
+    prefix = regime_prefix(REGIMES[args.regime], args.tag)
+    record = {"command": f"python bench/accuracy.py {' '.join(args.argv)}", "wall_s": round(wall, 1)}
+    path = Path(args.wall_out or ROOT / f"bench/results/grid_wall_{prefix}.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=1) + "\n")
+    print(f"grid {prefix}: {wall / 3600:.2f} h from queue to table -> {path}")
+
+
+def _queue_options(q: argparse.ArgumentParser) -> None:
     q.add_argument("--regime", choices=sorted(REGIMES), default="memorising", help="backbone and schedule")
     q.add_argument(
         "--epochs", type=int, default=None, help="epochs of every training (default: the regime's)"
@@ -531,7 +547,23 @@ def main(argv: list[str] | None = None) -> None:
     q.add_argument("--set", action="append", default=[], help="extra override KEY=VALUE (repeatable)")
     q.add_argument("--root", default=str(ROOT / "data/raw"), help="Fashion-MNIST root (made absolute)")
     q.add_argument("--fp32", action="store_true", help="plain float32 (default: bf16, channels_last auto)")
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    q = sub.add_parser("queue", help="queue the grid as DVC experiments")
+    _queue_options(q)
     q.set_defaults(fn=cmd_queue)
+    g = sub.add_parser("grid", help="queue, run and collect the grid in one command (records its wall time)")
+    _queue_options(g)
+    g.add_argument("--jobs", type=int, default=2, help="parallel queue workers")
+    g.add_argument("--out", default=None, help="table JSON (default bench/results/accuracy_<prefix>.json)")
+    g.add_argument(
+        "--wall-out", default=None, help="wall-time JSON (default bench/results/grid_wall_<prefix>.json)"
+    )
+    g.set_defaults(fn=cmd_grid)
     s = sub.add_parser("start", help="start queue workers")
     s.add_argument("--jobs", type=int, default=1, help="parallel workers (threads split between them)")
     s.add_argument("--wait", action="store_true", help="return when the queue is empty")

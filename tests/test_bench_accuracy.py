@@ -5,6 +5,7 @@ checked against sums done by hand on made-up experiment records."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -182,3 +183,16 @@ def test_convolutional_long_regime_is_the_memorising_schedule_on_small_cnn():
     sets = _sets(bench.overrides(100, cnn.settings[0], 0, cnn, "/d"))
     assert sets["train.model"] == "small_cnn" and sets["train.epochs"] == str(mem.epochs)
     assert bench.regime_prefix(cnn, None) != bench.regime_prefix(mem, None)
+
+
+def test_grid_command_queues_runs_and_collects_in_order_and_records_its_wall_time(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(bench, "cmd_queue", lambda a: calls.append(("queue", a.regime, a.noise)))
+    monkeypatch.setattr(bench, "cmd_start", lambda a: calls.append(("start", a.jobs, a.wait)))
+    monkeypatch.setattr(bench, "cmd_collect", lambda a: calls.append(("collect", a.tag, a.dsink_variant)))
+    wall = tmp_path / "wall.json"
+    argv = ["grid", "--regime", "memorising_cnn", "--noise", "sym0.4", "--jobs", "3", "--wall-out", str(wall)]
+    bench.main(argv)
+    assert calls == [("queue", "memorising_cnn", ["sym0.4"]), ("start", 3, True), ("collect", None, None)]
+    record = json.loads(wall.read_text())
+    assert record["wall_s"] >= 0 and record["command"].endswith(" ".join(argv))
