@@ -14,7 +14,7 @@ Three regimes (`--regime`):
                augmentation: plain CE memorises the noisy labels (its per-epoch test curve is tracked, so
                `collect` reports its best epoch beside its final one and the memorised share).
   memorising_cnn  (names memcnn-r<ratio>-sym0.4-s<seed>) the same long schedule on the convolutional
-               `small_cnn` backbone, symmetric 0.4 only (about 70 minutes a cell on this machine).
+               `small_cnn` backbone, symmetric 0.4 only (over 2 hours a cell on this 2-core machine).
   short        (names acc-r<ratio>-<noise>-s<seed>) the `small_cnn` backbone, 6 epochs: nothing has
                time to memorise (the grid of issue #6, rerun with today's defaults).
 

@@ -11,7 +11,8 @@
 #   JOBS=8 bench/gpu_grid.sh --seeds 0      # any `accuracy.py queue` option passes through
 #   REGIME=memorising_cnn bench/gpu_grid.sh # the convolutional long-schedule cells (small_cnn)
 #
-# Writes bench/results/accuracy_<prefix>_gpu.json (the table: accuracy_mem_gpu.json by default) and bench/results/queue_wall.json (wall time).
+# Runs `bench/accuracy.py grid` (queue, workers, table). Writes bench/results/accuracy_<prefix>_gpu.json
+# (the table; accuracy_mem_gpu.json by default) and bench/results/grid_wall_<prefix>_gpu.json (wall time).
 # Needs the project's environment (`make setup`) and Fashion-MNIST under data/raw (`make data`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,7 +21,6 @@ JOBS=${JOBS:-6}
 REGIME=${REGIME:-memorising}
 "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA device visible')"
 export DSINK_DATA_ON_DEVICE=1
-"$PY" bench/accuracy.py queue --regime "$REGIME" "$@"
-"$PY" bench/accuracy.py start --jobs "$JOBS" --wait
 PREFIX=$("$PY" -c "import sys; sys.path.insert(0, 'bench'); import accuracy; print(accuracy.REGIMES['$REGIME'].prefix)")
-"$PY" bench/accuracy.py collect --regime "$REGIME" --out "bench/results/accuracy_${PREFIX}_gpu.json"
+"$PY" bench/accuracy.py grid --regime "$REGIME" --jobs "$JOBS" "$@" \
+    --out "bench/results/accuracy_${PREFIX}_gpu.json" --wall-out "bench/results/grid_wall_${PREFIX}_gpu.json"
