@@ -521,10 +521,8 @@ def cmd_grid(args: argparse.Namespace) -> None:
     table, and record the wall time from the first queued experiment to the table."""
     start = time.time()
     cmd_queue(args)
-    args.wait = True
-    cmd_start(args)
-    args.dsink_variant = None
-    cmd_collect(args)
+    cmd_start(argparse.Namespace(**{**vars(args), "wait": True}))
+    cmd_collect(argparse.Namespace(**{**vars(args), "dsink_variant": None}))
     wall = time.time() - start
     prefix = regime_prefix(REGIMES[args.regime], args.tag)
     record = {"command": f"python bench/accuracy.py {' '.join(args.argv)}", "wall_s": round(wall, 1)}
