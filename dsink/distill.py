@@ -10,9 +10,11 @@ are read from the same kind of mixture, ``f_N^(1-w_r) f_L^w_r`` (:func:`class_to
 The base loss (CE or logit-adjusted CE on the noisy labels, or none) can be kept from memorising the
 noisy labels on a long schedule in two ways (the defaults are the original full-weight term):
 ``base_weight`` ramped down to 0 (``base_ramp``, over ``base_ramp_epochs`` or the whole run), and a
-per-sample filter from the ``q`` already computed for the batch (``base_filter``: ``agree`` keeps the
-samples whose given label is ``argmax q``, ``soft`` weights each by ``q_i[y_i]``). Either way the
-weighted per-sample terms are summed and divided by the batch size (see :meth:`DsinkObjective.__call__`).
+per-sample filter (``base_filter``): from the ``q`` already computed for the batch (``agree`` keeps the
+samples whose given label is ``argmax q``, ``soft`` weights each by ``q_i[y_i]``), or from the noise
+teacher's own verdict (``noise_teacher``: the samples its losses select as clean within each class,
+:func:`noise_teacher_selection`). Either way the weighted per-sample terms are summed and divided by the
+batch size (see :meth:`DsinkObjective.__call__`).
 
 Which prior each probability is under matters in one place only, the **class totals**: ``r`` is a
 training-set quantity, so the imbalance teacher's probabilities are read in the training-prior space
@@ -57,6 +59,7 @@ from dsink.engine import train
 from dsink.errors import DsinkError
 from dsink.inference import predict_logits
 from dsink.models import build_model
+from dsink.noise_rate import estimate_noise_rates
 from dsink.params import DistillParams
 from dsink.priors import label_log_prior, log_prior
 from dsink.runs import Corpus, checkpoint_dir, open_corpus, stage_config
@@ -155,6 +158,28 @@ def teachers_train_space(
     return n_train, l_train
 
 
+def noise_teacher_selection(noise_train: np.ndarray, noisy_labels: np.ndarray) -> np.ndarray:
+    """The training samples whose given label the noise teacher vouches for: boolean ``(N,)``.
+
+    Within each given-label class ``c`` (``n_c`` samples), the ``ceil((1 - f_c) n_c)`` samples with the
+    smallest loss ``-log f_N(x_i)[y_i]`` are kept, ``f_c`` the share of the class's labels that a
+    two-component mixture on those same losses calls wrong (:func:`dsink.noise_rate.estimate_noise_rates`,
+    ``per_class``; capped at :data:`dsink.losses.MAX_FORGET_RATE`), so every class keeps some samples.
+    The noise teacher is the model trusted per sample; its losses on the given labels are the per-sample
+    evidence the base loss lacks: with this filter a short run still learns from the labels (as the
+    ``la_small_loss`` baseline does), and the labels the teacher forgot never reach the student through
+    the base loss. Ranking within a class keeps the tail: a tail class's clean samples are compared with
+    each other, not with the head's. Computed once from the teacher's training logits (``noise_train``,
+    in the space it was trained in) and the given labels: no clean label, the same mask on every rank.
+    """
+    z = torch.from_numpy(np.ascontiguousarray(noise_train, dtype=np.float32))
+    y = torch.from_numpy(np.ascontiguousarray(noisy_labels, dtype=np.int64))
+    rates = estimate_noise_rates(z.numpy(), y.numpy(), "per_class").per_class
+    keeps = [1.0 - min(r, losses.MAX_FORGET_RATE) for r in rates]
+    loss = losses.cross_entropy(z, y, reduction="none")
+    return losses.small_loss_keep_mask_per_class(loss, y, keeps).numpy()
+
+
 class DsinkObjective:
     """Callable objective for :func:`dsink.engine.train` (rows index the corrupted set).
 
@@ -193,6 +218,10 @@ class DsinkObjective:
         # term adjusts the raw (balanced) logits by the prior of its own targets, so both agree on what
         # "balanced" means even when q's class totals (e.g. `class_totals: hard`) differ from the labels'.
         self.base_offset = torch.from_numpy(p.tau * labels_lp).float()
+        #: base_filter noise_teacher: the samples the noise teacher selects as clean (N,) float32
+        self.base_keep: torch.Tensor | None = None
+        if p.base_filter == "noise_teacher" and p.base_loss != "none":
+            self.base_keep = torch.from_numpy(noise_teacher_selection(noise_train, noisy_labels)).float()
         # dataset scope: the log kernel of the last solve (N, C) and its class potential (C,)
         self.log_k: torch.Tensor | None = None
         self.log_u: torch.Tensor | None = None
@@ -232,15 +261,22 @@ class DsinkObjective:
             return p.base_weight * 0.5 * (1.0 + math.cos(math.pi * s))
         raise ValueError(f"base_ramp = {p.base_ramp!r}")
 
-    def base_sample_weights(self, q: torch.Tensor, labels: torch.Tensor) -> torch.Tensor | None:
-        """Per-sample weights of the base loss from this batch's ``q`` (``None``: every sample, weight 1).
+    def base_sample_weights(
+        self, q: torch.Tensor, labels: torch.Tensor, rows: torch.Tensor
+    ) -> torch.Tensor | None:
+        """Per-sample weights of the base loss for the batch ``rows`` (``None``: every sample, weight 1).
 
         ``agree``: 1 where the given label is ``argmax q`` (the transport plan's verdict), else 0.
         ``soft``: ``q_i[y_i]``, the plan's probability of the given label. Both detached.
+        ``noise_teacher``: 1 for the samples :func:`noise_teacher_selection` keeps, else 0 (``q`` unused).
         """
         f = self.p.base_filter
         if f == "all":
             return None
+        if f == "noise_teacher":
+            if self.base_keep is None:
+                raise RuntimeError("base_filter noise_teacher: no selection (base_loss is none)")
+            return self.base_keep[rows.cpu()].to(q.device)
         q = q.detach()
         y = labels.long().to(q.device)
         if f == "agree":
@@ -303,7 +339,7 @@ class DsinkObjective:
             z_base = logits
             if self.p.base_loss == "logit_adjusted":
                 z_base = logits + self.base_offset.to(logits.device)
-            s = self.base_sample_weights(q, labels)
+            s = self.base_sample_weights(q, labels, rows)
             if s is None:
                 base = losses.cross_entropy(z_base, labels)
                 kept = float(n)
@@ -423,8 +459,8 @@ class DsinkObjective:
         epoch's, or the last one) and ``sinkhorn_resolved`` (1 if it ran this epoch). Once a batch has
         been trained: ``base_weight``, the mean over the epoch's steps of the base loss's weight (0 with
         ``base_loss: none``), and ``base_share``, the share of the epoch's samples the base loss was
-        applied to (1 with ``base_filter: all``, the kept share with ``agree``, the mean ``q_i[y_i]`` with
-        ``soft``, 0 with ``base_loss: none``; it does not include the weight).
+        applied to (1 with ``base_filter: all``, the kept share with ``agree`` and ``noise_teacher``, the
+        mean ``q_i[y_i]`` with ``soft``, 0 with ``base_loss: none``; it does not include the weight).
         """
         out = self._solver_metrics()
         out.update(self._base_metrics())

@@ -38,7 +38,7 @@ MODEL_NAMES = ("small_cnn", "resnet32", "preact_resnet18", "mlp")
 BASELINES = ("ce", "la_small_loss")
 SELECTIONS = ("global", "per_class")
 BASE_RAMPS = ("constant", "linear_down", "cosine_down")
-BASE_FILTERS = ("all", "agree", "soft")
+BASE_FILTERS = ("all", "agree", "soft", "noise_teacher")
 
 AUTO = "auto"
 # A switch that can also be left to the machine: ``true``, ``false`` or ``"auto"`` (decided at run time).
@@ -226,7 +226,9 @@ class DistillParams(TrainParams):
     base_ramp: str = _opt("constant", choices=BASE_RAMPS)
     base_ramp_epochs: int = _opt(0, ge=0)
     # which samples the base loss is applied to: all; agree = given label == argmax q (the transport
-    # plan's verdict); soft = each sample weighted by q_i[given label]. Always normalised by the batch size.
+    # plan's verdict); soft = each sample weighted by q_i[given label]; noise_teacher = the samples the noise
+    # teacher's own losses select as clean, per class (dsink.distill.noise_teacher_selection). Always
+    # normalised by the batch size.
     base_filter: str = _opt("all", choices=BASE_FILTERS)
     tau: float = _opt(1.0, ge=0.0)  # student's logit adjustment: raw logits + tau*log(prior) = train space
     scope: str = _opt("dataset", choices=("batch", "dataset"))

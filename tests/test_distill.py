@@ -29,12 +29,15 @@ from dsink.artifacts import (
 from dsink.distill import (
     DsinkObjective,
     gather_rows,
+    noise_teacher_selection,
     shard_bounds,
     teachers_train_space,
     train_space_logits,
 )
 from dsink.errors import DsinkError
+from dsink.noise_rate import estimate_noise_rates
 from dsink.params import DistillParams, SinkhornParams, load_params
+from dsink.priors import label_log_prior
 from dsink.runtime import Runtime
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -259,7 +262,7 @@ def _hand_distill_term(obj: DsinkObjective, z: torch.Tensor, q: torch.Tensor) ->
 
 def test_agree_masks_exactly_the_samples_whose_label_is_not_argmax_q():
     obj, z, rows, q, labels, flipped = base_batch("agree")
-    keep = obj.base_sample_weights(q, labels)
+    keep = obj.base_sample_weights(q, labels, rows)
     expected_keep = torch.ones(8)
     expected_keep[flipped] = 0.0
     assert torch.equal(keep, expected_keep)
@@ -281,6 +284,81 @@ def test_soft_filter_weights_each_sample_by_q_of_its_label():
     hand = 0.7 * _hand_distill_term(obj, z, q) + 0.5 * (s * _hand_base_terms(z, labels)).sum() / 8
     assert float(loss) == pytest.approx(float(hand), abs=1e-5)
     assert obj.epoch_metrics()["base_share"] == pytest.approx(float(s.mean()), abs=1e-6)
+
+
+def _bimodal_noise_teacher(seed: int = 3):
+    """A noise teacher over 3 classes (300, 120 and 30 given labels) that fits most labels (given-label
+    logit +6) and not a known share of each class (given-label logit -3): 30 %, 25 % and 20 %."""
+    g = np.random.default_rng(seed)
+    counts, wrong = (300, 120, 30), (90, 30, 6)
+    labels = np.concatenate([np.full(n, c) for c, n in enumerate(counts)])
+    z = g.normal(scale=0.3, size=(labels.size, 3)).astype(np.float32)
+    unfit = np.zeros(labels.size, dtype=bool)
+    start = 0
+    for n, k in zip(counts, wrong, strict=True):
+        unfit[g.choice(np.arange(start, start + n), size=k, replace=False)] = True
+        start += n
+    z[np.arange(labels.size), labels] += np.where(unfit, -3.0, 6.0).astype(np.float32)
+    perm = g.permutation(labels.size)  # classes interleaved, as in a real index
+    return z[perm], labels[perm], unfit[perm]
+
+
+def test_noise_teacher_selection_keeps_what_the_teacher_fits_per_class():
+    """Oracle: the estimated per-class rates recover the planted shares, and the mask is each class's
+    ``ceil((1 - f_c) n_c)`` smallest losses (numpy argsort by hand) = exactly the fitted samples."""
+    z, labels, unfit = _bimodal_noise_teacher()
+    rates = estimate_noise_rates(z, labels, "per_class").per_class
+    assert np.allclose(rates, (0.3, 0.25, 0.2), atol=1e-9), rates
+    keep = noise_teacher_selection(z, labels)
+    assert keep.dtype == bool and keep.shape == labels.shape
+    zz = z.astype(np.float64)
+    top = zz.max(1)
+    loss = np.log(np.exp(zz - top[:, None]).sum(1)) + top - zz[np.arange(z.shape[0]), labels]
+    hand = np.zeros_like(keep)
+    for c, f in enumerate(rates):
+        members = np.flatnonzero(labels == c)
+        k = int(np.ceil((1 - f) * members.size - 1e-9))
+        hand[members[np.argsort(loss[members], kind="stable")[:k]]] = True
+    assert np.array_equal(keep, hand)
+    assert np.array_equal(keep, ~unfit)
+
+
+def test_noise_teacher_selection_keeps_every_class_whatever_the_estimate():
+    """A class the mixture calls all wrong still keeps its smallest-loss 5 % (the forget-rate cap)."""
+    g = np.random.default_rng(0)
+    labels = np.repeat([0, 1], [200, 40])
+    z = g.normal(size=(240, 2)).astype(np.float32) * 3
+    keep = noise_teacher_selection(z, labels)
+    for c in (0, 1):
+        assert keep[labels == c].sum() >= np.ceil(0.05 * (labels == c).sum() - 1e-9)
+
+
+def test_noise_teacher_filter_applies_the_base_loss_to_the_selected_rows_only():
+    """The objective reads the selection by row (a batch of rows in any order), sums the kept terms over
+    the batch size, and reports the kept share; the mask is computed from the noise teacher alone."""
+    z_n, labels, unfit = _bimodal_noise_teacher()
+    N, C = labels.size, 3
+    imb = np.random.default_rng(5).normal(size=(N, C)).astype(np.float32)
+    p = DistillParams(
+        scope="batch", class_totals="soft", base_filter="noise_teacher", prior="noisy_labels", alpha=0.0
+    )
+    obj = DsinkObjective(p, z_n, imb, labels)
+    keep = noise_teacher_selection(z_n, labels)
+    assert torch.equal(obj.base_keep, torch.from_numpy(keep).float())
+    rows = torch.from_numpy(np.random.default_rng(6).permutation(N)[:64])
+    zs = torch.from_numpy(np.random.default_rng(7).normal(size=(64, C))).float()
+    y = torch.from_numpy(labels[rows.numpy()])
+    loss = obj(zs, y, rows, progress=0.0)
+    zb = zs.double() + torch.from_numpy(label_log_prior(labels, C))
+    per = -(zb - torch.logsumexp(zb, 1, keepdim=True)).gather(1, y.long().unsqueeze(1)).squeeze(1)
+    kept = torch.from_numpy(keep[rows.numpy()])
+    assert 0 < int(kept.sum()) < 64
+    assert float(loss) == pytest.approx(float(per[kept].sum() / 64), abs=1e-5)
+    assert obj.epoch_metrics()["base_share"] == pytest.approx(float(kept.float().mean()))
+    # no base loss: no selection is made
+    none_p = DistillParams(scope="batch", base_loss="none", base_filter="noise_teacher")
+    none = DsinkObjective(none_p, z_n, imb, labels)
+    assert none.base_keep is None
 
 
 @pytest.mark.parametrize("filter", ["agree", "soft"])
@@ -608,8 +686,9 @@ def _curve(live: Path, key: str) -> list[float]:
             "distill.base_loss": "ce",
         },
         {"distill.base_loss": "none", "distill.base_filter": "agree"},
+        {"distill.base_filter": "noise_teacher", "distill.scope": "dataset"},
     ],
-    ids=["defaults", "full", "linear_agree", "cosine_soft_dataset", "none"],
+    ids=["defaults", "full", "linear_agree", "cosine_soft_dataset", "none", "noise_teacher"],
 )
 def test_distill_logs_the_base_loss_weight_and_share(overrides, tmp_path, monkeypatch, write_params):
     """A tiny run with each base-loss option finishes; dvclive has the weight and the share per epoch."""
