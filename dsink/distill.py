@@ -174,10 +174,10 @@ def noise_teacher_selection(noise_train: np.ndarray, noisy_labels: np.ndarray) -
     """
     z = torch.from_numpy(np.ascontiguousarray(noise_train, dtype=np.float32))
     y = torch.from_numpy(np.ascontiguousarray(noisy_labels, dtype=np.int64))
-    rates = estimate_noise_rates(z.numpy(), y.numpy(), "per_class").per_class
-    keeps = [1.0 - min(r, losses.MAX_FORGET_RATE) for r in rates]
-    loss = losses.cross_entropy(z, y, reduction="none")
-    return losses.small_loss_keep_mask_per_class(loss, y, keeps).numpy()
+    # the selection the noise teacher and la_small_loss train with, at its full forget rates at once
+    selection = losses.SmallLossSelection(z.shape[1], ramp_epochs=0, selection="per_class")
+    selection.set_estimate(estimate_noise_rates(z.numpy(), y.numpy(), "per_class"))
+    return selection.keep_mask(losses.cross_entropy(z, y, reduction="none"), y, 0.0).numpy()
 
 
 class DsinkObjective:
