@@ -26,7 +26,9 @@ Three regimes (`--regime`):
 
 `collect` reads finished experiments only (`dvc exp show --json`) and reports mean and spread (sample
 standard deviation) over seeds and D-SINK's margin paired by seed, so it can be rerun while the queue
-drains. `start --wait` records the queue's wall time in bench/results/queue_wall.json.
+drains. Its JSON keeps each experiment's record (`runs`): `collect --runs-from OLD.json` rebuilds or
+extends a table where the experiments' git refs are gone (a fresh clone, another machine).
+`start --wait` records the queue's wall time in bench/results/queue_wall.json.
 """
 
 from __future__ import annotations
@@ -494,10 +496,29 @@ def with_variant_student(
     return out
 
 
+def runs_from(paths: list[str], prefix: str) -> dict[str, dict[str, Any]]:
+    """The experiment records (``runs``) that earlier ``collect`` calls stored in their JSON, restricted to
+    the names of ``prefix``; a later file's record of a name replaces an earlier one's.
+
+    DVC keeps experiments as git refs of the repository that ran them: a fresh clone, or a machine that
+    did not run them, has none, so a table is only rebuilt (or extended by new seeds) from these records.
+    A file written before ``collect`` stored its records is refused, not read as an empty table.
+    """
+    found: dict[str, dict[str, Any]] = {}
+    for path in paths:
+        payload = json.loads(Path(path).read_text())
+        stored = payload.get("runs") if isinstance(payload, dict) else None
+        if not isinstance(stored, dict):
+            raise SystemExit(f"{path}: no experiment records ('runs'); rerun collect on the experiments")
+        found.update({k: v for k, v in stored.items() if k.startswith(prefix + "-")})
+    return found
+
+
 def cmd_collect(args: argparse.Namespace) -> None:
     regime = REGIMES[args.regime]
     prefix = regime_prefix(regime, args.tag)
-    runs = _load(prefix)
+    # stored records first: an experiment this repository still holds replaces its stored record
+    runs = {**runs_from(getattr(args, "runs_from", None) or [], prefix), **_load(prefix)}
     if args.dsink_variant:
         path, name = args.dsink_variant
         found = len(runs)
@@ -509,7 +530,12 @@ def cmd_collect(args: argparse.Namespace) -> None:
     out = Path(args.out or ROOT / f"bench/results/accuracy_{prefix}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     argv = " ".join(args.argv)
-    payload = {"command": f"python bench/accuracy.py {argv}", "experiments": len(runs), "rows": rows}
+    payload = {
+        "command": f"python bench/accuracy.py {argv}",
+        "experiments": len(runs),
+        "rows": rows,
+        "runs": runs,  # the records behind the rows, for `collect --runs-from` where the refs are gone
+    }
     tmp = out.with_suffix(".tmp")
     tmp.write_text(json.dumps(payload, indent=1, sort_keys=True) + "\n")
     tmp.replace(out)
@@ -576,6 +602,14 @@ def main(argv: list[str] | None = None) -> None:
         metavar=("JSON", "NAME"),
         default=None,
         help="D-SINK's student from bench/distill_variants.py's JSON, variant NAME (only its experiments)",
+    )
+    c.add_argument(
+        "--runs-from",
+        nargs="+",
+        metavar="JSON",
+        default=[],
+        help="also the experiment records earlier collect calls stored in these JSON files (e.g. seeds "
+        "run on another machine or in a clone whose experiment refs are gone)",
     )
     c.set_defaults(fn=cmd_collect)
     args = p.parse_args(argv)

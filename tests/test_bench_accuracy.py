@@ -196,3 +196,34 @@ def test_grid_command_queues_runs_and_collects_in_order_and_records_its_wall_tim
     assert calls == [("queue", "memorising_cnn", ["sym0.4"]), ("start", 3, True), ("collect", None, None)]
     record = json.loads(wall.read_text())
     assert record["wall_s"] >= 0 and record["command"].endswith(" ".join(argv))
+
+
+def test_collect_stores_its_records_and_a_later_collect_rebuilds_the_table_from_them(tmp_path, monkeypatch):
+    first = {"mem-r100-sym0.4-s0": _run(0, {"ce": 0.60, "noise_teacher": 0.74, "dsink": 0.80}, [0.5, 0.7])}
+    later = {
+        "mem-r100-sym0.4-s1": _run(1, {"ce": 0.62, "noise_teacher": 0.72, "dsink": 0.71}, [0.5, 0.6]),
+        "other-r100-sym0.4-s0": _run(0, {"ce": 0.1, "noise_teacher": 0.1, "dsink": 0.1}, [0.1]),
+    }
+    old, new = tmp_path / "old.json", tmp_path / "new.json"
+    monkeypatch.setattr(bench, "_load", lambda prefix: first)
+    bench.main(["collect", "--out", str(old)])
+    assert json.loads(old.read_text())["runs"]["mem-r100-sym0.4-s0"]["rev"] == "rev0"
+    # the first experiment's ref is gone; the second is still in the repository
+    monkeypatch.setattr(bench, "_load", lambda prefix: {k: v for k, v in later.items() if k[:4] == "mem-"})
+    bench.main(["collect", "--out", str(new), "--runs-from", str(old)])
+    (row,) = json.loads(new.read_text())["rows"]
+    both = {**first, "mem-r100-sym0.4-s1": later["mem-r100-sym0.4-s1"]}
+    (expected,) = bench.summarise(both, bench.REGIMES["memorising"].settings)
+    expected.pop("ce_curves")
+    assert row["seeds"] == [0, 1] and row["dsink_paired_margin"]["mean"] == pytest.approx((0.06 - 0.01) / 2)
+    assert {k: v for k, v in row.items() if k != "ce_curves"} == json.loads(json.dumps(expected))
+    # a repository's own experiment replaces a stored record of the same name
+    monkeypatch.setattr(bench, "_load", lambda prefix: {"mem-r100-sym0.4-s0": later["mem-r100-sym0.4-s1"]})
+    assert bench.runs_from([str(old)], "mem")["mem-r100-sym0.4-s0"]["rev"] == "rev0"
+    bench.main(["collect", "--out", str(new), "--runs-from", str(old)])
+    assert json.loads(new.read_text())["runs"]["mem-r100-sym0.4-s0"]["rev"] == "rev1"
+    # a table written before records were stored is refused, not read as empty
+    bare = tmp_path / "bare.json"
+    bare.write_text(json.dumps({"rows": []}))
+    with pytest.raises(SystemExit, match="no experiment records"):
+        bench.runs_from([str(bare)], "mem")
