@@ -13,7 +13,8 @@ noisy labels on a long schedule in two ways (the defaults are the original full-
 per-sample filter (``base_filter``): from the ``q`` already computed for the batch (``agree`` keeps the
 samples whose given label is ``argmax q``, ``soft`` weights each by ``q_i[y_i]``), or from the noise
 teacher's own verdict (``noise_teacher``: the samples its losses select as clean within each class,
-:func:`noise_teacher_selection`). Either way the weighted per-sample terms are summed and divided by the
+:func:`noise_teacher_selection`; ``noise_teacher_chance``: the same, forgetting only labels it gives
+less than chance probability). Either way the weighted per-sample terms are summed and divided by the
 batch size (see :meth:`DsinkObjective.__call__`).
 
 Which prior each probability is under matters in one place only, the **class totals**: ``r`` is a
@@ -158,13 +159,18 @@ def teachers_train_space(
     return n_train, l_train
 
 
-def noise_teacher_selection(noise_train: np.ndarray, noisy_labels: np.ndarray) -> np.ndarray:
+def noise_teacher_selection(
+    noise_train: np.ndarray, noisy_labels: np.ndarray, above_chance: bool = False
+) -> np.ndarray:
     """The training samples whose given label the noise teacher vouches for: boolean ``(N,)``.
 
     Within each given-label class ``c`` (``n_c`` samples), the ``ceil((1 - f_c) n_c)`` samples with the
     smallest loss ``-log f_N(x_i)[y_i]`` are kept, ``f_c`` the share of the class's labels that a
     two-component mixture on those same losses calls wrong (:func:`dsink.noise_rate.estimate_noise_rates`,
     ``per_class``; capped at :data:`dsink.losses.MAX_FORGET_RATE`), so every class keeps some samples.
+    With ``above_chance`` (``base_filter: noise_teacher_chance``) only the labels the teacher also gives
+    less than chance probability ``1/C`` count in ``f_c``: a class without wrong labels, whose mixture
+    splits its easy from its hard samples, then keeps its hard ones.
     The noise teacher is the model trusted per sample; its losses on the given labels are the per-sample
     evidence the base loss lacks: with this filter a short run still learns from the labels (as the
     ``la_small_loss`` baseline does), and the labels the teacher forgot never reach the student through
@@ -176,7 +182,7 @@ def noise_teacher_selection(noise_train: np.ndarray, noisy_labels: np.ndarray) -
     y = torch.from_numpy(np.ascontiguousarray(noisy_labels, dtype=np.int64))
     # the selection the noise teacher and la_small_loss train with, at its full forget rates at once
     selection = losses.SmallLossSelection(z.shape[1], ramp_epochs=0, selection="per_class")
-    selection.set_estimate(estimate_noise_rates(z.numpy(), y.numpy(), "per_class"))
+    selection.set_estimate(estimate_noise_rates(z.numpy(), y.numpy(), "per_class", above_chance=above_chance))
     return selection.keep_mask(losses.cross_entropy(z, y, reduction="none"), y, 0.0).numpy()
 
 
@@ -220,8 +226,10 @@ class DsinkObjective:
         self.base_offset = torch.from_numpy(p.tau * labels_lp).float()
         #: base_filter noise_teacher: the samples the noise teacher selects as clean (N,) float32
         self.base_keep: torch.Tensor | None = None
-        if p.base_filter == "noise_teacher" and p.base_loss != "none":
-            self.base_keep = torch.from_numpy(noise_teacher_selection(noise_train, noisy_labels)).float()
+        if p.base_filter.startswith("noise_teacher") and p.base_loss != "none":
+            chance = p.base_filter == "noise_teacher_chance"
+            keep = noise_teacher_selection(noise_train, noisy_labels, above_chance=chance)
+            self.base_keep = torch.from_numpy(keep).float()
         # dataset scope: the log kernel of the last solve (N, C) and its class potential (C,)
         self.log_k: torch.Tensor | None = None
         self.log_u: torch.Tensor | None = None
@@ -268,14 +276,15 @@ class DsinkObjective:
 
         ``agree``: 1 where the given label is ``argmax q`` (the transport plan's verdict), else 0.
         ``soft``: ``q_i[y_i]``, the plan's probability of the given label. Both detached.
-        ``noise_teacher``: 1 for the samples :func:`noise_teacher_selection` keeps, else 0 (``q`` unused).
+        ``noise_teacher``, ``noise_teacher_chance``: 1 for the samples :func:`noise_teacher_selection`
+        keeps, else 0 (``q`` unused).
         """
         f = self.p.base_filter
         if f == "all":
             return None
-        if f == "noise_teacher":
+        if f.startswith("noise_teacher"):
             if self.base_keep is None:
-                raise RuntimeError("base_filter noise_teacher: no selection (base_loss is none)")
+                raise RuntimeError(f"base_filter {f}: no selection (base_loss is none)")
             return self.base_keep[rows.cpu()].to(q.device)
         q = q.detach()
         y = labels.long().to(q.device)

@@ -38,7 +38,7 @@ MODEL_NAMES = ("small_cnn", "resnet32", "preact_resnet18", "mlp")
 BASELINES = ("ce", "la_small_loss")
 SELECTIONS = ("global", "per_class")
 BASE_RAMPS = ("constant", "linear_down", "cosine_down")
-BASE_FILTERS = ("all", "agree", "soft", "noise_teacher")
+BASE_FILTERS = ("all", "agree", "soft", "noise_teacher", "noise_teacher_chance")
 
 AUTO = "auto"
 # A switch that can also be left to the machine: ``true``, ``false`` or ``"auto"`` (decided at run time).

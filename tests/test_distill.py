@@ -361,6 +361,28 @@ def test_noise_teacher_filter_applies_the_base_loss_to_the_selected_rows_only():
     assert none.base_keep is None
 
 
+def test_noise_teacher_chance_keeps_the_hard_samples_of_a_class_without_wrong_labels():
+    """``noise_teacher_chance``: where the unfitted labels lie far above chance (the planted teacher) the
+    mask is the plain one; a class whose "high" losses are hard but above chance probability (given-label
+    logit +1 of 3 classes: p = 0.58 > 1/3) keeps them, which the plain mixture forgets."""
+    z, labels, unfit = _bimodal_noise_teacher()
+    assert np.array_equal(noise_teacher_selection(z, labels, above_chance=True), ~unfit)
+    hard = unfit & (labels == 0)  # class 0's unfitted third becomes hard but plausible
+    z2 = z.copy()
+    z2[hard, 0] += 4.0  # given-label logit -3 -> +1
+    plain = noise_teacher_selection(z2, labels)
+    gated = noise_teacher_selection(z2, labels, above_chance=True)
+    assert not plain[hard].any() and gated[hard].all()
+    assert np.array_equal(gated[labels != 0], plain[labels != 0]) and np.array_equal(gated, ~(unfit & ~hard))
+    imb = np.random.default_rng(5).normal(size=z2.shape).astype(np.float32)
+    p = DistillParams(scope="batch", class_totals="soft", base_filter="noise_teacher_chance", alpha=0.0)
+    obj = DsinkObjective(p, z2, imb, labels)
+    assert torch.equal(obj.base_keep, torch.from_numpy(gated).float())
+    rows = torch.arange(8)
+    w = obj.base_sample_weights(torch.full((8, 3), 1 / 3), torch.from_numpy(labels[:8]), rows)
+    assert torch.equal(w, torch.from_numpy(gated[:8]).float())
+
+
 @pytest.mark.parametrize("filter", ["agree", "soft"])
 @pytest.mark.parametrize("scope", ["batch", "dataset"])
 def test_masked_samples_get_no_base_loss_gradient(filter, scope):
@@ -687,8 +709,9 @@ def _curve(live: Path, key: str) -> list[float]:
         },
         {"distill.base_loss": "none", "distill.base_filter": "agree"},
         {"distill.base_filter": "noise_teacher", "distill.scope": "dataset"},
+        {"distill.base_filter": "noise_teacher_chance"},
     ],
-    ids=["defaults", "full", "linear_agree", "cosine_soft_dataset", "none", "noise_teacher"],
+    ids=["defaults", "full", "linear_agree", "cosine_soft_dataset", "none", "noise_teacher", "nt_chance"],
 )
 def test_distill_logs_the_base_loss_weight_and_share(overrides, tmp_path, monkeypatch, write_params):
     """A tiny run with each base-loss option finishes; dvclive has the weight and the share per epoch."""

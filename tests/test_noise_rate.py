@@ -199,3 +199,31 @@ def test_planted_noise_on_the_synthetic_set(rate, ratio, tmp_path, monkeypatch, 
     assert metrics["noise_rate_estimate"] == est["noise_rate_estimate"]
     tsv = Path("dvclive/teacher_noise/plots/metrics/noise_rate_estimate.tsv").read_text().split()
     assert tsv[0] == "step" and len(tsv) == 4 and float(tsv[3]) == est["noise_rate_estimate"]
+
+
+@pytest.mark.parametrize("mixture", ["per_class", "global"])
+def test_above_chance_counts_only_labels_given_less_than_chance_probability(mixture):
+    """Oracle by construction (C = 4, chance loss log 4, log log 4 = 0.33): class 0 has no wrong label,
+    its losses in two bumps both below chance (log loss -4 and -1); class 1 has 30 % wrong labels far above
+    chance (log loss 1.5). The plain mixture calls class 0's hard bump wrong; above chance it is clean,
+    and class 1 keeps its planted share. ``global`` splits the pooled losses the same way."""
+    g = np.random.default_rng(11)
+    x0 = np.r_[g.normal(-4.0, 0.2, 280), g.normal(-1.0, 0.2, 120)]  # 30 % hard but plausible
+    x1 = np.r_[g.normal(-4.0, 0.2, 280), g.normal(1.5, 0.2, 120)]  # 30 % unfitted, wrong
+    assert np.log(np.log(4)) == pytest.approx(0.3266, abs=1e-4)
+    x = np.r_[x0, x1]
+    y = np.repeat([0, 1], 400)
+    z = logits_with_log_losses(x, y, 4)
+    plain = estimate_noise_rates(z, y, mixture)
+    gated = estimate_noise_rates(z, y, mixture, above_chance=True)
+    if mixture == "per_class":
+        assert plain.per_class[:2] == pytest.approx((0.3, 0.3), abs=1e-12)
+        assert gated.per_class[:2] == pytest.approx((0.0, 0.3), abs=1e-12)
+        assert gated.overall == pytest.approx(0.15, abs=1e-12)
+    else:  # one mixture over both: the bump at -4 against the rest (-1 and 1.5)
+        assert plain.overall == pytest.approx(0.3, abs=1e-12)
+        assert gated.overall == pytest.approx(0.15, abs=1e-12)
+        assert gated.per_class[:2] == pytest.approx((0.15, 0.15), abs=1e-12)
+    assert gated.per_class[2:] == (0.0, 0.0)  # classes with no sample
+    # the gate never adds a sample: it only drops those at or below chance
+    assert all(a <= b for a, b in zip(gated.per_class, plain.per_class, strict=True))
