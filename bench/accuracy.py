@@ -286,9 +286,9 @@ def git_show(rev: str, path: str) -> str | None:
     return out.stdout if out.returncode == 0 else None
 
 
-def find_experiments(repo: Path) -> dict[str, str]:
-    """Experiment name -> commit of every finished DVC experiment of ``repo`` (the newest of a name wins),
-    read from DVC's git refs ``refs/exps/<baseline[:2]>/<baseline[2:]>/<name>`` (queue internals such as
+def experiment_refs(repo: Path) -> list[tuple[str, str, str]]:
+    """``(baseline, name, commit)`` of every finished DVC experiment of ``repo``, oldest first, read from
+    DVC's git refs ``refs/exps/<baseline[:2]>/<baseline[2:]>/<name>`` (queue internals such as
     ``refs/exps/celery/...`` are skipped). Queued and running experiments have no such ref yet: `dvc exp
     show` lists them with the workspace's metrics, which must not be mistaken for theirs."""
     out = subprocess.run(
@@ -298,13 +298,19 @@ def find_experiments(repo: Path) -> dict[str, str]:
         capture_output=True,
         text=True,
     ).stdout
-    found = {}
+    found = []
     for line in out.splitlines():
         sha, ref = line.split(" ", 1)
         parts = ref.split("/")
         if len(parts) == 5 and re.fullmatch(r"[0-9a-f]{40}", parts[2] + parts[3]):
-            found[parts[4]] = sha  # oldest first: a rerun under the same name replaces it
+            found.append((parts[2] + parts[3], parts[4], sha))
     return found
+
+
+def find_experiments(repo: Path) -> dict[str, str]:
+    """Experiment name -> commit of every finished DVC experiment of ``repo`` (a rerun under the same name
+    replaces the older one); see :func:`experiment_refs`."""
+    return {name: sha for _, name, sha in experiment_refs(repo)}
 
 
 def require_finished(names: list[str], finished: dict[str, str]) -> None:
@@ -315,10 +321,17 @@ def require_finished(names: list[str], finished: dict[str, str]) -> None:
 
 
 def _load(prefix: str) -> dict[str, dict[str, Any]]:
+    refs = experiment_refs(ROOT)
+    finished = {name: sha for _, name, sha in refs}
+    # only the commits the prefix's experiments branch from: `dvc exp show -A` reads every commit of the
+    # history, minutes on a long one
+    baselines = sorted({base for base, name, _ in refs if name.startswith(prefix + "-")})
+    if not baselines:
+        return {}
+    revs = [a for base in baselines for a in ("--rev", base)]
     out = subprocess.run(
-        [DVC, "exp", "show", "--json", "-A"], cwd=ROOT, check=True, capture_output=True, text=True
+        [DVC, "exp", "show", "--json", *revs], cwd=ROOT, check=True, capture_output=True, text=True
     ).stdout
-    finished = find_experiments(ROOT)
     runs = {}
     for exp in _experiments(json.loads(out)):
         name = exp["name"]

@@ -227,3 +227,45 @@ def test_collect_stores_its_records_and_a_later_collect_rebuilds_the_table_from_
     bare.write_text(json.dumps({"rows": []}))
     with pytest.raises(SystemExit, match="no experiment records"):
         bench.runs_from([str(bare)], "mem")
+
+
+def test_load_asks_dvc_only_for_the_baselines_of_the_prefix_experiments(monkeypatch):
+    """`dvc exp show --json --rev <baseline>` for each commit the prefix's experiments branch from (not
+    `-A`, which reads the whole history); an experiment listed there whose commit is not its finished ref
+    (a queued or running one) is skipped, and no experiment of the prefix means no dvc call."""
+    b1, b2, b3 = "1" * 40, "2" * 40, "3" * 40
+    refs = [
+        (b1, "mem-r100-sym0.4-s0", "a" * 40),
+        (b2, "acc-r100-sym0.4-s0", "b" * 40),
+        (b3, "mem-r100-sym0.4-s1", "c" * 40),
+    ]
+    monkeypatch.setattr(bench, "experiment_refs", lambda repo: refs)
+    monkeypatch.setattr(bench, "git_show", lambda rev, path: None)
+    calls = []
+
+    def record(name: str, rev: str) -> dict:
+        metrics = {"ce": {"top1": 0.5}, "dsink": {"top1": 0.6}}
+        return {
+            "name": name,
+            "rev": rev,
+            "data": {
+                "metrics": {"metrics/evaluate.json": {"data": metrics}},
+                "params": {"params.yaml": {"data": {"seed": 0}}},
+            },
+        }
+
+    def fake_run(cmd, **kw):
+        calls.append(cmd)
+        shown = [record("mem-r100-sym0.4-s0", "a" * 40), record("mem-r100-sym0.4-s1", "d" * 40)]
+
+        class Done:
+            stdout = json.dumps([{"rev": b1, "experiments": [{"revs": shown}]}])
+
+        return Done()
+
+    monkeypatch.setattr(bench.subprocess, "run", fake_run)
+    runs = bench._load("mem")
+    assert calls == [[bench.DVC, "exp", "show", "--json", "--rev", b1, "--rev", b3]]
+    assert list(runs) == ["mem-r100-sym0.4-s0"] and runs["mem-r100-sym0.4-s0"]["rev"] == "a" * 40
+    calls.clear()
+    assert bench._load("memcnn") == {} and calls == []
