@@ -159,6 +159,10 @@ def teachers_train_space(
     return n_train, l_train
 
 
+#: the base filters read from the noise teacher's selection -> its ``above_chance``
+NOISE_TEACHER_FILTERS = {"noise_teacher": False, "noise_teacher_chance": True}
+
+
 def noise_teacher_selection(
     noise_train: np.ndarray, noisy_labels: np.ndarray, above_chance: bool = False
 ) -> np.ndarray:
@@ -226,8 +230,8 @@ class DsinkObjective:
         self.base_offset = torch.from_numpy(p.tau * labels_lp).float()
         #: base_filter noise_teacher: the samples the noise teacher selects as clean (N,) float32
         self.base_keep: torch.Tensor | None = None
-        if p.base_filter.startswith("noise_teacher") and p.base_loss != "none":
-            chance = p.base_filter == "noise_teacher_chance"
+        if p.base_filter in NOISE_TEACHER_FILTERS and p.base_loss != "none":
+            chance = NOISE_TEACHER_FILTERS[p.base_filter]
             keep = noise_teacher_selection(noise_train, noisy_labels, above_chance=chance)
             self.base_keep = torch.from_numpy(keep).float()
         # dataset scope: the log kernel of the last solve (N, C) and its class potential (C,)
@@ -282,7 +286,7 @@ class DsinkObjective:
         f = self.p.base_filter
         if f == "all":
             return None
-        if f.startswith("noise_teacher"):
+        if f in NOISE_TEACHER_FILTERS:
             if self.base_keep is None:
                 raise RuntimeError(f"base_filter {f}: no selection (base_loss is none)")
             return self.base_keep[rows.cpu()].to(q.device)
