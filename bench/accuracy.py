@@ -222,21 +222,34 @@ def queue_state(line: str) -> str | None:
     return words[-1]
 
 
+POLL_S = 30  # seconds between `dvc queue status` polls while waiting
+
+
 def cmd_start(args: argparse.Namespace) -> None:
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
     env = worker_env(threads)
     before = subprocess.run([DVC, "queue", "status"], cwd=ROOT, env=env, capture_output=True, text=True)
     pending = sum(queue_state(ln) in ("Running", "Queued") for ln in before.stdout.splitlines())
     start = time.time()
-    subprocess.run([DVC, "queue", "start", "-j", str(args.jobs)], cwd=ROOT, check=True, env=env)
+    launch = [DVC, "queue", "start", "-j", str(args.jobs)]
+    subprocess.run(launch, cwd=ROOT, check=True, env=env)
     if not args.wait:
         return
+    restarts, short_polls = 0, 0
     while True:
         out = subprocess.run([DVC, "queue", "status"], cwd=ROOT, env=env, capture_output=True, text=True)
-        busy = [ln for ln in out.stdout.splitlines() if queue_state(ln) in ("Running", "Queued")]
-        if not busy:
+        states = [queue_state(ln) for ln in out.stdout.splitlines()]
+        running, queued = states.count("Running"), states.count("Queued")
+        if not running and not queued:
             break
-        time.sleep(30)
+        # DVC's queue workers can exit while tasks are still queued; `queue start -j N` brings the
+        # pool back to N workers. Two polls in a row, so a worker between two tasks is not counted.
+        short_polls = short_polls + 1 if queued and running < args.jobs else 0
+        if short_polls >= 2:
+            subprocess.run(launch, cwd=ROOT, check=True, env=env)
+            restarts, short_polls = restarts + 1, 0
+            print(f"{running} of {args.jobs} workers running with {queued} queued: restarted", flush=True)
+        time.sleep(POLL_S)
     wall = time.time() - start
     failed = sum(queue_state(ln) == "Failed" for ln in out.stdout.splitlines())
     record = {
@@ -245,6 +258,7 @@ def cmd_start(args: argparse.Namespace) -> None:
         "wall_s": round(wall, 1),
         "tasks": pending,  # queued or running when this command started
         "failed_in_queue_history": failed,
+        "worker_restarts": restarts,
     }
     path = ROOT / "bench/results/queue_wall.json"
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -4,8 +4,10 @@ checked against sums done by hand on made-up experiment records."""
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -269,3 +271,39 @@ def test_load_asks_dvc_only_for_the_baselines_of_the_prefix_experiments(monkeypa
     assert list(runs) == ["mem-r100-sym0.4-s0"] and runs["mem-r100-sym0.4-s0"]["rev"] == "a" * 40
     calls.clear()
     assert bench._load("memcnn") == {} and calls == []
+
+
+def _status(*states: str) -> str:
+    head = "Task     Name                 Created    Status\n"
+    return head + "".join(f"ab{i:04d}   mem-r100-x-s{i}   12:00 PM   {s}\n" for i, s in enumerate(states))
+
+
+def test_waiting_restarts_workers_that_exit_while_tasks_are_queued(tmp_path, monkeypatch):
+    # A scripted `dvc queue status`: two workers run, one exits with a task still queued (two polls:
+    # restarted once), a worker between tasks for one poll (not restarted), then the queue drains.
+    statuses = iter(
+        [
+            _status("Queued", "Queued", "Queued"),  # before start
+            _status("Running", "Running", "Queued"),
+            _status("Success", "Running", "Queued"),
+            _status("Success", "Running", "Queued"),  # second short poll: restart
+            _status("Success", "Running", "Running"),
+            _status("Success", "Success", "Running"),  # nothing queued: a short pool is fine
+            _status("Success", "Success", "Success"),
+        ]
+    )
+    launches = []
+
+    def fake_run(cmd, **kw):
+        if cmd[1:3] == ["queue", "start"]:
+            launches.append(cmd[-1])
+            return subprocess.CompletedProcess(cmd, 0, "", "")
+        return subprocess.CompletedProcess(cmd, 0, next(statuses), "")
+
+    monkeypatch.setattr(bench.subprocess, "run", fake_run)
+    monkeypatch.setattr(bench, "POLL_S", 0)
+    monkeypatch.setattr(bench, "ROOT", tmp_path)
+    bench.cmd_start(argparse.Namespace(jobs=2, wait=True))
+    assert launches == ["2", "2"]
+    record = json.loads((tmp_path / "bench/results/queue_wall.json").read_text())
+    assert (record["tasks"], record["worker_restarts"]) == (3, 1)
