@@ -1,0 +1,111 @@
+"""Which labels does the base loss teach? The noise-teacher base filters against the truth (diagnostic)
+
+``distill.base_filter: noise_teacher`` applies the student's base loss only to the samples the noise
+teacher keeps within each given-label class; ``noise_teacher_chance`` forgets only labels the teacher
+also gives less than chance probability. This script reads a finished experiment's noise teacher (from
+git and the DVC cache, as `bench/distill_variants.py` does), computes each filter's mask exactly as the
+student does (:func:`dsink.distill.noise_teacher_selection`), and compares it with the clean labels:
+the share of wrong labels the filter keeps (what the base loss would teach wrongly), the share of clean
+labels it keeps (what it would teach rightly), and per given-label class the share the filter forgets
+beside the true share of wrong labels (the table names the class it forgets most of:
+``class: forgotten share (true wrong share)``; the JSON holds every class).
+The clean labels are read here for evaluation only; nothing chooses a setting from this table (that is
+the validation split's job, BENCHMARKS.md).
+
+    python bench/base_filter.py --exps mem_full-r100-asym0.4-s2 acc_nt-r100-sym0.2-s0
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+from accuracy import find_experiments, require_finished  # noqa: E402
+from distill_variants import extract  # noqa: E402
+
+
+def filter_report(keep: np.ndarray, noisy: np.ndarray, clean: np.ndarray, num_classes: int) -> dict[str, Any]:
+    """How a keep mask over the training samples treats the wrong and the clean labels.
+
+    ``kept_wrong`` / ``kept_clean``: the share of wrongly / correctly labelled samples kept.
+    ``forgot[c]`` and ``wrong[c]``: within given-label class ``c``, the share the mask drops and the true
+    share of wrong labels (``nan`` for a class nobody is labelled with); ``clean_kept[c]``: the share of
+    the class's correctly labelled samples it keeps.
+    """
+    keep = np.asarray(keep, dtype=bool)
+    noisy, clean = np.asarray(noisy), np.asarray(clean)
+    wrong = noisy != clean
+
+    def share(num: np.ndarray, den: np.ndarray) -> list[float]:
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return (num / den).tolist()
+
+    def per_class(mask: np.ndarray) -> np.ndarray:
+        return np.bincount(noisy[mask], minlength=num_classes).astype(np.float64)
+
+    n_c = per_class(np.ones_like(keep))
+    return {
+        "kept_wrong": float(keep[wrong].mean()) if wrong.any() else float("nan"),
+        "kept_clean": float(keep[~wrong].mean()) if (~wrong).any() else float("nan"),
+        "forgot": share(n_c - per_class(keep), n_c),
+        "wrong": share(per_class(wrong), n_c),
+        "clean_kept": share(per_class(keep & ~wrong), per_class(~wrong)),
+    }
+
+
+def _no_nan(x: Any) -> Any:
+    """``x`` with every float NaN (an empty class or split) as ``None``: strict JSON."""
+    if isinstance(x, float) and x != x:
+        return None
+    if isinstance(x, dict):
+        return {k: _no_nan(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_no_nan(v) for v in x]
+    return x
+
+
+def main(argv: list[str] | None = None) -> None:
+    from dsink.artifacts import read_corrupted, read_logits
+    from dsink.distill import NOISE_TEACHER_FILTERS, noise_teacher_selection, teachers_train_space
+    from dsink.params import DistillParams
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--exps", nargs="+", required=True, help="finished experiment names")
+    p.add_argument("--workdir", default=str(ROOT / ".dsink/bench/variants"), help="where inputs are kept")
+    p.add_argument("--out", default=str(ROOT / "bench/results/base_filter.json"), help="JSON rows")
+    args = p.parse_args(argv)
+    finished = find_experiments(ROOT)
+    require_finished(args.exps, finished)
+    rows = []
+    print("| experiment | filter | wrong labels kept | clean labels kept | most-forgotten class |")
+    print("|---|---|---|---|---|")
+    for e in args.exps:
+        cell = extract(e, finished[e], Path(args.workdir))
+        idx = read_corrupted(cell / "train.parquet")
+        t_n, t_l = (read_logits(cell / f, idx) for f in ("noise.parquet", "imbalance.parquet"))
+        n_train, _ = teachers_train_space(t_n, t_l, DistillParams(), idx)
+        for name, chance in NOISE_TEACHER_FILTERS.items():
+            keep = noise_teacher_selection(n_train, idx.noisy_label, above_chance=chance)
+            r = filter_report(keep, idx.noisy_label, idx.clean_label, idx.num_classes)
+            rows.append({"experiment": e, "filter": name, **r})
+            c = int(np.nanargmax(r["forgot"]))
+            print(
+                f"| {e} | {name} | {100 * r['kept_wrong']:.1f} % | {100 * r['kept_clean']:.1f} % "
+                f"| {c}: {100 * r['forgot'][c]:.1f} % ({100 * r['wrong'][c]:.1f} %) |"
+            )
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    cmd = "python bench/base_filter.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    out.write_text(json.dumps({"command": cmd, "rows": _no_nan(rows)}, indent=1) + "\n")
+    print(f"-> {out}")
+
+
+if __name__ == "__main__":
+    main()

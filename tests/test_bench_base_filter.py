@@ -1,0 +1,48 @@
+"""bench/base_filter.py: the filter diagnostic's shares against a count by hand, and strict JSON."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("bench_base_filter", ROOT / "bench" / "base_filter.py")
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+bf = _load()
+
+
+def test_report_counts_kept_and_forgotten_labels_per_given_class():
+    # given label 0: four samples, one wrong (clean 1), the wrong one and one clean one dropped;
+    # given label 1: two clean samples, both kept; class 2: nobody is labelled with it
+    noisy = np.array([0, 0, 0, 0, 1, 1])
+    clean = np.array([0, 0, 0, 1, 1, 1])
+    keep = np.array([True, True, False, False, True, True])
+    r = bf.filter_report(keep, noisy, clean, num_classes=3)
+    assert r["kept_wrong"] == 0.0
+    assert r["kept_clean"] == pytest.approx(4 / 5)
+    assert r["forgot"][:2] == pytest.approx([2 / 4, 0.0]) and math.isnan(r["forgot"][2])
+    assert r["wrong"][:2] == pytest.approx([1 / 4, 0.0])
+    assert r["clean_kept"][:2] == pytest.approx([2 / 3, 1.0])
+    # a mask that keeps everything keeps every wrong label
+    assert bf.filter_report(np.ones(6, bool), noisy, clean, 3)["kept_wrong"] == 1.0
+
+
+def test_json_rows_hold_no_nan():
+    rows = [{"forgot": [0.5, float("nan")], "kept_wrong": float("nan"), "name": "x"}]
+    text = json.dumps(bf._no_nan(rows), allow_nan=False)
+    assert json.loads(text) == [{"forgot": [0.5, None], "kept_wrong": None, "name": "x"}]
