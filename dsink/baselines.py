@@ -20,7 +20,6 @@ Parquet (train + test rows, ``train_offset`` metadata; ``noise_rate_estimate`` a
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -42,7 +41,7 @@ class _CEObjective:
         return losses.cross_entropy(logits, labels)
 
 
-class _LASmallLossObjective:
+class _LASmallLossObjective(losses.SmallLossObjective):
     """Logit-adjusted CE averaged over the samples small-loss selection keeps (see the module docstring);
     carries the noise-rate estimate (logged, checkpointed) like the noise teacher's objective."""
 
@@ -50,36 +49,12 @@ class _LASmallLossObjective:
         self.lp, self.tau = lp, p.tau
         self.small_loss = losses.SmallLossSelection(lp.numel(), p.forget_rate, p.ramp_epochs, p.selection)
 
-    @property
-    def estimates(self) -> bool:
-        return self.small_loss.estimates
-
-    @property
-    def noise_rate_estimate(self) -> float | None:
-        return self.small_loss.noise_rate_estimate
-
-    @property
-    def noise_rate_estimate_per_class(self) -> tuple[float, ...] | None:
-        return self.small_loss.noise_rate_estimate_per_class
-
-    def set_estimate(self, value: Any) -> None:
-        self.small_loss.set_estimate(value)
-
     def __call__(
         self, logits: torch.Tensor, labels: torch.Tensor, rows: torch.Tensor, progress: float
     ) -> torch.Tensor:
         lp = self.lp.to(logits.device)
         per_sample = losses.logit_adjusted_ce(logits, labels, lp, tau=self.tau, reduction="none")
         return self.small_loss(per_sample, labels, progress)
-
-    def epoch_metrics(self) -> dict[str, float]:
-        return self.small_loss.epoch_metrics()
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return self.small_loss.state_dict()
-
-    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
-        self.small_loss.load_state_dict(state)
 
 
 def baseline_recipe(method: str, params: Params, index: CorruptedIndex) -> TeacherRecipe:

@@ -378,6 +378,52 @@ class SmallLossSelection:
             self._set(float(est), per.reshape(-1).tolist())
 
 
+class SmallLossObjective:
+    """Base of the objectives that train with a :class:`SmallLossSelection` (``self.small_loss``): the
+    noise teacher's and the ``la_small_loss`` baseline's. The training loop talks to the objective, not
+    to its selection: it asks whether a noise rate must be estimated (:attr:`estimates`), hands the
+    estimate over (:meth:`set_estimate`), logs :meth:`epoch_metrics` and checkpoints :meth:`state_dict`;
+    here those go to the selection once, for both.
+    """
+
+    small_loss: SmallLossSelection
+
+    @property
+    def estimates(self) -> bool:
+        """Does this objective need the noise rate estimated from the noisy data?"""
+        return self.small_loss.estimates
+
+    @property
+    def noise_rate_estimate(self) -> float | None:
+        """The overall estimate (logged, checkpointed, written to the logits metadata); None before it."""
+        return self.small_loss.noise_rate_estimate
+
+    @property
+    def noise_rate_estimate_per_class(self) -> tuple[float, ...] | None:
+        """The estimate per given-label class (C,); None before it exists."""
+        return self.small_loss.noise_rate_estimate_per_class
+
+    @property
+    def forget_rate(self) -> float | None:
+        """The overall rate the selection ramps to; None while the estimate does not exist yet."""
+        return self.small_loss.forget_rate
+
+    def set_estimate(self, value: float | SupportsFloat) -> None:
+        """A ``dsink.noise_rate.NoiseRateEstimate`` (overall and per class) or a bare share in [0, 1]."""
+        self.small_loss.set_estimate(value)
+
+    def epoch_metrics(self) -> dict[str, float]:
+        """Logged by the engine after every epoch (dvclive): the estimate once it exists."""
+        return self.small_loss.epoch_metrics()
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Checkpointed by the engine, so a resumed run keeps the estimate."""
+        return self.small_loss.state_dict()
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        self.small_loss.load_state_dict(state)
+
+
 # ------------------------------------------------------------------------------------------------- ELR
 
 

@@ -46,14 +46,15 @@ class _ImbalanceObjective:
         return losses.cross_entropy(logits, labels)
 
 
-class _NoiseObjective:
+class _NoiseObjective(losses.SmallLossObjective):
     """The noise teacher's loss, plus what it carries across epochs (ELR's targets, the noise-rate estimate).
 
     ``small_loss``: :class:`dsink.losses.SmallLossSelection` on the per-sample CE (``p.selection``:
     one keep-rate per batch, or each given-label class its own). It forgets ``p.forget_rate`` when that is
     set. With ``forget_rate: null`` it keeps every sample (plain CE) until :meth:`set_estimate` hands it
     the noise rate estimated from the noisy data (``dsink.noise_rate``, overall and per class) after
-    ``p.estimate_epochs``; from then on the estimate ramps like a set rate.
+    ``p.estimate_epochs``; from then on the estimate ramps like a set rate. The estimate's plumbing is
+    :class:`dsink.losses.SmallLossObjective`'s.
     """
 
     def __init__(self, p: NoiseTeacherParams, num_samples: int, num_classes: int) -> None:
@@ -67,27 +68,8 @@ class _NoiseObjective:
 
     @property
     def estimates(self) -> bool:
-        """Does this objective need the noise rate estimated from the data?"""
+        """Only ``small_loss`` forgets, so only it needs the noise rate estimated."""
         return self.p.method == "small_loss" and self.small_loss.estimates
-
-    @property
-    def noise_rate_estimate(self) -> float | None:
-        """The overall estimate (logged, checkpointed, written to estimate.json); None before it exists."""
-        return self.small_loss.noise_rate_estimate
-
-    @property
-    def noise_rate_estimate_per_class(self) -> tuple[float, ...] | None:
-        """The estimate per given-label class (C,); None before it exists."""
-        return self.small_loss.noise_rate_estimate_per_class
-
-    @property
-    def forget_rate(self) -> float | None:
-        """The overall rate small-loss selection ramps to; None while the estimate does not exist yet."""
-        return self.small_loss.forget_rate
-
-    def set_estimate(self, value: Any) -> None:
-        """A ``dsink.noise_rate.NoiseRateEstimate`` (overall and per class) or a bare share in [0, 1]."""
-        self.small_loss.set_estimate(value)
 
     def __call__(
         self, logits: torch.Tensor, labels: torch.Tensor, rows: torch.Tensor, progress: float
@@ -102,12 +84,8 @@ class _NoiseObjective:
             return self.elr(logits, labels, rows)
         return losses.cross_entropy(logits, labels)
 
-    def epoch_metrics(self) -> dict[str, float]:
-        """Logged by the engine after every epoch (dvclive): the estimate once it exists."""
-        return self.small_loss.epoch_metrics()
-
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """Checkpointed by the engine, so a resumed run keeps the estimate (and ELR's targets)."""
+        """The estimate and, for ``elr``, its per-sample targets."""
         state = dict(self.elr.state_dict()) if self.elr is not None else {}
         state.update(self.small_loss.state_dict())
         return state

@@ -269,3 +269,28 @@ def test_elr_state_round_trip():
 def test_bad_arguments_raise(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+def test_small_loss_objective_hands_the_estimate_to_its_selection_and_checkpoints_it():
+    from dsink.baselines import _LASmallLossObjective
+    from dsink.params import LASmallLossBaselineParams, NoiseTeacherParams
+    from dsink.teachers import _NoiseObjective
+
+    lp = torch.log(torch.tensor([0.5, 0.3, 0.2]))
+    makers = [
+        lambda: _NoiseObjective(NoiseTeacherParams(method="small_loss"), num_samples=8, num_classes=3),
+        lambda: _LASmallLossObjective(LASmallLossBaselineParams(), lp),
+    ]
+    for make in makers:
+        obj = make()
+        assert isinstance(obj, losses.SmallLossObjective)
+        assert obj.estimates and obj.noise_rate_estimate is None and obj.epoch_metrics() == {}
+        obj.set_estimate(0.25)
+        assert obj.small_loss.noise_rate_estimate == 0.25 and obj.forget_rate == 0.25
+        assert obj.noise_rate_estimate_per_class == (0.25,) * 3
+        assert obj.epoch_metrics() == {"noise_rate_estimate": 0.25}
+        fresh = make()
+        fresh.load_state_dict(obj.state_dict())
+        assert fresh.noise_rate_estimate == 0.25 and fresh.noise_rate_estimate_per_class == (0.25,) * 3
+    # only the small-loss method of the noise teacher forgets, so only it estimates
+    assert not _NoiseObjective(NoiseTeacherParams(method="gce"), 8, 3).estimates
