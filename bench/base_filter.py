@@ -36,8 +36,8 @@ def filter_report(keep: np.ndarray, noisy: np.ndarray, clean: np.ndarray, num_cl
 
     ``kept_wrong`` / ``kept_clean``: the share of wrongly / correctly labelled samples kept.
     ``forgot[c]`` and ``wrong[c]``: within given-label class ``c``, the share the mask drops and the true
-    share of wrong labels (``nan`` for a class nobody is labelled with); ``clean_kept[c]``: the share of
-    the class's correctly labelled samples it keeps.
+    share of wrong labels (``nan`` for a class nobody is labelled with); ``clean_kept[c]`` and
+    ``wrong_kept[c]``: the share of the class's correctly and wrongly labelled samples it keeps.
     """
     keep = np.asarray(keep, dtype=bool)
     noisy, clean = np.asarray(noisy), np.asarray(clean)
@@ -57,6 +57,7 @@ def filter_report(keep: np.ndarray, noisy: np.ndarray, clean: np.ndarray, num_cl
         "forgot": share(n_c - per_class(keep), n_c),
         "wrong": share(per_class(wrong), n_c),
         "clean_kept": share(per_class(keep & ~wrong), per_class(~wrong)),
+        "wrong_kept": share(per_class(keep & wrong), per_class(wrong)),
     }
 
 

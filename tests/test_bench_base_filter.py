@@ -38,6 +38,7 @@ def test_report_counts_kept_and_forgotten_labels_per_given_class():
     assert r["forgot"][:2] == pytest.approx([2 / 4, 0.0]) and math.isnan(r["forgot"][2])
     assert r["wrong"][:2] == pytest.approx([1 / 4, 0.0])
     assert r["clean_kept"][:2] == pytest.approx([2 / 3, 1.0])
+    assert r["wrong_kept"][0] == 0.0 and all(math.isnan(v) for v in r["wrong_kept"][1:])
     # a mask that keeps everything keeps every wrong label
     assert bf.filter_report(np.ones(6, bool), noisy, clean, 3)["kept_wrong"] == 1.0
 
