@@ -27,8 +27,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
-from accuracy import find_experiments, require_finished  # noqa: E402
-from distill_variants import extract  # noqa: E402
+from distill_variants import experiment_teachers  # noqa: E402
 
 
 def filter_report(keep: np.ndarray, noisy: np.ndarray, clean: np.ndarray, num_classes: int) -> dict[str, Any]:
@@ -73,25 +72,17 @@ def _no_nan(x: Any) -> Any:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from dsink.artifacts import read_corrupted, read_logits
-    from dsink.distill import NOISE_TEACHER_FILTERS, noise_teacher_selection, teachers_train_space
-    from dsink.params import DistillParams
+    from dsink.distill import NOISE_TEACHER_FILTERS, noise_teacher_selection
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--exps", nargs="+", required=True, help="finished experiment names")
     p.add_argument("--workdir", default=str(ROOT / ".dsink/bench/variants"), help="where inputs are kept")
     p.add_argument("--out", default=str(ROOT / "bench/results/base_filter.json"), help="JSON rows")
     args = p.parse_args(argv)
-    finished = find_experiments(ROOT)
-    require_finished(args.exps, finished)
     rows = []
     print("| experiment | filter | wrong labels kept | clean labels kept | most-forgotten class |")
     print("|---|---|---|---|---|")
-    for e in args.exps:
-        cell = extract(e, finished[e], Path(args.workdir))
-        idx = read_corrupted(cell / "train.parquet")
-        t_n, t_l = (read_logits(cell / f, idx) for f in ("noise.parquet", "imbalance.parquet"))
-        n_train, _ = teachers_train_space(t_n, t_l, DistillParams(), idx)
+    for e, idx, n_train, _ in experiment_teachers(args.exps, Path(args.workdir)):
         for name, chance in NOISE_TEACHER_FILTERS.items():
             keep = noise_teacher_selection(n_train, idx.noisy_label, above_chance=chance)
             r = filter_report(keep, idx.noisy_label, idx.clean_label, idx.num_classes)

@@ -23,8 +23,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
-from accuracy import find_experiments, require_finished  # noqa: E402
-from distill_variants import extract  # noqa: E402
+from distill_variants import experiment_teachers  # noqa: E402
 
 
 def total_variation(counts: np.ndarray, reference: np.ndarray) -> float:
@@ -35,9 +34,7 @@ def total_variation(counts: np.ndarray, reference: np.ndarray) -> float:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from dsink.artifacts import read_corrupted, read_logits
-    from dsink.distill import class_total_weights, teachers_train_space
-    from dsink.params import DistillParams
+    from dsink.distill import class_total_weights
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--exps", nargs="+", required=True, help="finished experiment names")
@@ -45,17 +42,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--workdir", default=str(ROOT / ".dsink/bench/variants"), help="where inputs are kept")
     p.add_argument("--out", default=str(ROOT / "bench/results/class_totals.json"), help="JSON rows")
     args = p.parse_args(argv)
-    finished = find_experiments(ROOT)
-    require_finished(args.exps, finished)
     rows = []
     print("| experiment | w_r | TV to the clean histogram | four rarest classes (clean) |")
     print("|---|---|---|---|")
-    for e in args.exps:
-        cell = extract(e, finished[e], Path(args.workdir))
-        idx = read_corrupted(cell / "train.parquet")
+    for e, idx, n_train, l_train in experiment_teachers(args.exps, Path(args.workdir)):
         C = idx.num_classes
-        t_n, t_l = (read_logits(cell / f, idx) for f in ("noise.parquet", "imbalance.parquet"))
-        n_train, l_train = teachers_train_space(t_n, t_l, DistillParams(), idx)
         clean = np.bincount(idx.clean_label, minlength=C)
         rare = np.argsort(clean, kind="stable")[:4][::-1]
         for w in args.weights:

@@ -31,6 +31,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +85,24 @@ def extract(name: str, rev: str, root: Path) -> Path:
     (d / "evaluate.json").write_text(_git_show(rev, "metrics/evaluate.json"))
     (d / "done").write_text(rev + "\n")
     return d
+
+
+def experiment_teachers(names: list[str], workdir: Path) -> Iterator[tuple[str, Any, Any, Any]]:
+    """For each finished experiment named: ``(name, index, noise_train, imbalance_train)``, its corrupted
+    index and both teachers' training logits in their training-prior space
+    (:func:`dsink.distill.teachers_train_space`), as its student read them. For the diagnostics."""
+    from dsink.artifacts import read_corrupted, read_logits
+    from dsink.distill import teachers_train_space
+    from dsink.params import DistillParams
+
+    finished = find_experiments(ROOT)
+    require_finished(names, finished)
+    for e in names:
+        cell = extract(e, finished[e], workdir)
+        idx = read_corrupted(cell / "train.parquet")
+        t_n, t_l = (read_logits(cell / f, idx) for f in ("noise.parquet", "imbalance.parquet"))
+        n_train, l_train = teachers_train_space(t_n, t_l, DistillParams(), idx)
+        yield e, idx, n_train, l_train
 
 
 def with_overrides(params: dict[str, Any], sets: list[str]) -> dict[str, Any]:
