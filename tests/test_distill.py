@@ -575,24 +575,30 @@ def test_surrogate_labels_beat_both_teachers_on_a_long_tailed_noisy_set():
 # -- solver metrics --------------------------------------------------------------------------------------
 
 
-def test_batch_scope_epoch_metrics_summarise_the_epochs_solves_and_reset():
-    obj, noise, imb = objective(N=30, seed=4, prior="noisy_labels")
+def test_batch_scope_epoch_metrics_summarise_the_epochs_solves_and_reset(monkeypatch):
+    """The epoch's log is the mean and max of the solves the objective ran, then it is reset.
+
+    The solves' own reports are recorded by wrapping :func:`ot.dsink_targets` (re-solving outside the
+    objective would compare iteration counts that one rounding step apart can move by one near ``tol``).
+    """
+    obj, _, _ = objective(N=30, seed=4, prior="noisy_labels")
+    seen: list[dict] = []
+    solve = ot.dsink_targets
+
+    def recording(*args, **kwargs):
+        q, info = solve(*args, **kwargs)
+        seen.append(dict(info))
+        return q, info
+
+    monkeypatch.setattr(ot, "dsink_targets", recording)
     g = np.random.default_rng(0)
-    iters, errs = [], []
     for size in (10, 20, 30):  # three batches of this "epoch"
         rows = torch.from_numpy(g.permutation(30)[:size])
         z = obj.train_logits(torch.from_numpy(g.normal(size=(size, 4)) * 3).float())
         obj.targets(z, rows)
-        _, info = ot.dsink_targets(  # the same solve, directly
-            F.log_softmax(torch.from_numpy(noise[rows.numpy()]), 1),
-            F.log_softmax(z, 1),
-            torch.softmax(torch.from_numpy(imb[rows.numpy()]), 1),
-            max_iter=2000,
-            tol=1e-6,
-            log=True,
-        )
-        iters.append(info["n_iter"])
-        errs.append(info["err"])
+    assert len(seen) == 3
+    iters = [int(i["n_iter"]) for i in seen]
+    errs = [float(i["err"]) for i in seen]
     m = obj.epoch_metrics()
     assert m["sinkhorn_iter_mean"] == pytest.approx(np.mean(iters))
     assert m["sinkhorn_iter_max"] == max(iters) and m["sinkhorn_err_max"] == pytest.approx(max(errs))
