@@ -17,8 +17,6 @@ the validation split's job, BENCHMARKS.md).
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -27,7 +25,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
-from distill_variants import experiment_teachers  # noqa: E402
+from distill_variants import diagnostic_parser, experiment_teachers, write_rows  # noqa: E402
 
 
 def filter_report(keep: np.ndarray, noisy: np.ndarray, clean: np.ndarray, num_classes: int) -> dict[str, Any]:
@@ -60,25 +58,10 @@ def filter_report(keep: np.ndarray, noisy: np.ndarray, clean: np.ndarray, num_cl
     }
 
 
-def _no_nan(x: Any) -> Any:
-    """``x`` with every float NaN (an empty class or split) as ``None``: strict JSON."""
-    if isinstance(x, float) and x != x:
-        return None
-    if isinstance(x, dict):
-        return {k: _no_nan(v) for k, v in x.items()}
-    if isinstance(x, list):
-        return [_no_nan(v) for v in x]
-    return x
-
-
 def main(argv: list[str] | None = None) -> None:
     from dsink.distill import NOISE_TEACHER_FILTERS, noise_teacher_selection
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--exps", nargs="+", required=True, help="finished experiment names")
-    p.add_argument("--workdir", default=str(ROOT / ".dsink/bench/variants"), help="where inputs are kept")
-    p.add_argument("--out", default=str(ROOT / "bench/results/base_filter.json"), help="JSON rows")
-    args = p.parse_args(argv)
+    args = diagnostic_parser(__doc__, "base_filter.json").parse_args(argv)
     rows = []
     print("| experiment | filter | wrong labels kept | clean labels kept | most-forgotten class |")
     print("|---|---|---|---|---|")
@@ -92,11 +75,7 @@ def main(argv: list[str] | None = None) -> None:
                 f"| {e} | {name} | {100 * r['kept_wrong']:.1f} % | {100 * r['kept_clean']:.1f} % "
                 f"| {c}: {100 * r['forgot'][c]:.1f} % ({100 * r['wrong'][c]:.1f} %) |"
             )
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    cmd = "python bench/base_filter.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    out.write_text(json.dumps({"command": cmd, "rows": _no_nan(rows)}, indent=1) + "\n")
-    print(f"-> {out}")
+    write_rows(args.out, "base_filter.py", argv, rows)
 
 
 if __name__ == "__main__":

@@ -14,8 +14,6 @@ the validation split's job, BENCHMARKS.md).
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -23,7 +21,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
-from distill_variants import experiment_teachers  # noqa: E402
+from distill_variants import diagnostic_parser, experiment_teachers, write_rows  # noqa: E402
 
 
 def total_variation(counts: np.ndarray, reference: np.ndarray) -> float:
@@ -36,11 +34,8 @@ def total_variation(counts: np.ndarray, reference: np.ndarray) -> float:
 def main(argv: list[str] | None = None) -> None:
     from dsink.distill import class_total_weights
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--exps", nargs="+", required=True, help="finished experiment names")
+    p = diagnostic_parser(__doc__, "class_totals.json")
     p.add_argument("--weights", nargs="+", type=float, default=[1.0, 0.3, 0.0], help="w_r values")
-    p.add_argument("--workdir", default=str(ROOT / ".dsink/bench/variants"), help="where inputs are kept")
-    p.add_argument("--out", default=str(ROOT / "bench/results/class_totals.json"), help="JSON rows")
     args = p.parse_args(argv)
     rows = []
     print("| experiment | w_r | TV to the clean histogram | four rarest classes (clean) |")
@@ -57,11 +52,7 @@ def main(argv: list[str] | None = None) -> None:
             )
             pairs = ", ".join(f"{counts[c]} ({clean[c]})" for c in rare)
             print(f"| {e} | {w:g} | {tv:.3f} | {pairs} |")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    cmd = "python bench/class_totals.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    out.write_text(json.dumps({"command": cmd, "rows": rows}, indent=1) + "\n")
-    print(f"-> {out}")
+    write_rows(args.out, "class_totals.py", argv, rows)
 
 
 if __name__ == "__main__":

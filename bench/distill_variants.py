@@ -105,6 +105,39 @@ def experiment_teachers(names: list[str], workdir: Path) -> Iterator[tuple[str, 
         yield e, idx, n_train, l_train
 
 
+def diagnostic_parser(doc: str | None, out_name: str) -> argparse.ArgumentParser:
+    """The command line every teacher diagnostic shares: finished experiments, a work dir, a JSON out."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--exps", nargs="+", required=True, help="finished experiment names")
+    p.add_argument("--workdir", default=str(ROOT / ".dsink/bench/variants"), help="where inputs are kept")
+    p.add_argument("--out", default=str(ROOT / f"bench/results/{out_name}"), help="JSON rows")
+    return p
+
+
+def _no_nan(x: Any) -> Any:
+    """``x`` with every float NaN (an empty class or split) as ``None``: strict JSON."""
+    if isinstance(x, float) and x != x:
+        return None
+    if isinstance(x, dict):
+        return {k: _no_nan(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_no_nan(v) for v in x]
+    return x
+
+
+def write_rows(out: str | Path, script: str, argv: list[str] | None, rows: list[dict[str, Any]]) -> Path:
+    """``{"command", "rows"}`` to ``out`` (strict JSON, written whole or not at all); the command is the
+    script with the arguments it was given."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    cmd = f"python bench/{script} " + " ".join(sys.argv[1:] if argv is None else argv)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps({"command": cmd, "rows": _no_nan(rows)}, indent=1) + "\n")
+    os.replace(tmp, out)
+    print(f"-> {out}")
+    return out
+
+
 def with_overrides(params: dict[str, Any], sets: list[str]) -> dict[str, Any]:
     out = json.loads(json.dumps(params))
     for item in sets:

@@ -43,7 +43,13 @@ def test_report_counts_kept_and_forgotten_labels_per_given_class():
     assert bf.filter_report(np.ones(6, bool), noisy, clean, 3)["kept_wrong"] == 1.0
 
 
-def test_json_rows_hold_no_nan():
+def test_json_rows_hold_no_nan_and_the_command(tmp_path):
+    """The diagnostics' JSON (``distill_variants.write_rows``) is strict: an empty class's NaN is null."""
     rows = [{"forgot": [0.5, float("nan")], "kept_wrong": float("nan"), "name": "x"}]
-    text = json.dumps(bf._no_nan(rows), allow_nan=False)
-    assert json.loads(text) == [{"forgot": [0.5, None], "kept_wrong": None, "name": "x"}]
+    out = bf.write_rows(tmp_path / "sub" / "rows.json", "base_filter.py", ["--exps", "e1"], rows)
+    payload = json.loads(out.read_text(), parse_constant=lambda c: pytest.fail(f"non-strict JSON: {c}"))
+    assert payload == {
+        "command": "python bench/base_filter.py --exps e1",
+        "rows": [{"forgot": [0.5, None], "kept_wrong": None, "name": "x"}],
+    }
+    assert not list(out.parent.glob("*.tmp"))
