@@ -103,6 +103,24 @@ def read_live_metric(live_dir: Path, metric: str) -> tuple[np.ndarray, np.ndarra
     return df["step"].to_numpy() + 1, df[metric].to_numpy(dtype=float)
 
 
+def _legend_or_note(ax, fontsize: int) -> None:
+    """A legend of the plotted series, or, where no model tracked one, a note saying how to get them
+    (an empty panel with an empty legend would look like a bug)."""
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=fontsize)
+    else:
+        ax.text(
+            0.5,
+            0.5,
+            "no per-epoch series tracked\n(set train.track_every > 0)",
+            transform=ax.transAxes,
+            ha="center",
+            va="center",
+            fontsize=fontsize + 1,
+            color="0.4",
+        )
+
+
 def curves_figure(live_dirs: dict[str, Path], path: Path) -> None:
     plt = _plt()
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
@@ -116,7 +134,7 @@ def curves_figure(live_dirs: dict[str, Path], path: Path) -> None:
     for ax in axes:
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        _legend_or_note(ax, 8)
     _save(fig, path)
 
 
@@ -134,7 +152,7 @@ def corrected_figure(live_dirs: dict[str, Path], path: Path) -> None:
     ax.set_ylabel("share of noisy training labels")
     ax.set_ylim(-0.02, 1.02)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    _legend_or_note(ax, 7)
     ax.set_title("Noisy labels corrected (solid) and memorised (dashed)")
     _save(fig, path)
 
