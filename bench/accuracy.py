@@ -14,7 +14,8 @@ Three regimes (`--regime`):
                augmentation: plain CE memorises the noisy labels (its per-epoch test curve is tracked, so
                `collect` reports its best epoch beside its final one and the memorised share).
   memorising_cnn  (names memcnn-r<ratio>-sym0.4-s<seed>) the same long schedule on the convolutional
-               `small_cnn` backbone, symmetric 0.4 only (over 2 hours a cell on this 2-core machine).
+               `small_cnn` backbone, symmetric 0.4 only (1 hour a cell on a 2-core CPU with AMX, where
+               `auto` picks bf16; over 2 hours in fp32 on one without).
   short        (names acc-r<ratio>-<noise>-s<seed>) the `small_cnn` backbone, 6 epochs: nothing has
                time to memorise (the grid of issue #6, rerun with today's defaults).
 
