@@ -128,12 +128,12 @@ def _no_nan(x: Any) -> Any:
 def write_rows(out: str | Path, script: str, argv: list[str] | None, rows: list[dict[str, Any]]) -> Path:
     """``{"command", "rows"}`` to ``out`` (strict JSON, written whole or not at all); the command is the
     script with the arguments it was given."""
+    from dsink.artifacts import atomic_path
+
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     cmd = f"python bench/{script} " + " ".join(sys.argv[1:] if argv is None else argv)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps({"command": cmd, "rows": _no_nan(rows)}, indent=1) + "\n")
-    os.replace(tmp, out)
+    with atomic_path(out) as tmp:
+        tmp.write_text(json.dumps({"command": cmd, "rows": _no_nan(rows)}, indent=1) + "\n")
     print(f"-> {out}")
     return out
 

@@ -52,4 +52,4 @@ def test_json_rows_hold_no_nan_and_the_command(tmp_path):
         "command": "python bench/base_filter.py --exps e1",
         "rows": [{"forgot": [0.5, None], "kept_wrong": None, "name": "x"}],
     }
-    assert not list(out.parent.glob("*.tmp"))
+    assert [f.name for f in out.parent.iterdir()] == ["rows.json"]  # no temporary file left

@@ -20,7 +20,7 @@ def _live(d: Path, metrics: dict[str, list[float]]) -> Path:
     return d
 
 
-def _texts_and_legends(monkeypatch) -> list:
+def _capture_axes(monkeypatch) -> list:
     """Capture the figures' axes before they are saved and closed."""
     seen: list = []
     save = figures._save
@@ -35,7 +35,7 @@ def _texts_and_legends(monkeypatch) -> list:
 
 @pytest.mark.parametrize("draw", [figures.curves_figure, figures.corrected_figure])
 def test_no_tracked_series_gives_a_note_not_an_empty_legend(tmp_path, monkeypatch, draw):
-    axes = _texts_and_legends(monkeypatch)
+    axes = _capture_axes(monkeypatch)
     live = {"dsink": _live(tmp_path / "student", {})}  # a run with track_every 0: no series
     out = tmp_path / "fig.png"
     with warnings.catch_warnings():
@@ -48,7 +48,7 @@ def test_no_tracked_series_gives_a_note_not_an_empty_legend(tmp_path, monkeypatc
 
 @pytest.mark.parametrize("draw", [figures.curves_figure, figures.corrected_figure])
 def test_tracked_series_get_a_legend_and_no_note(tmp_path, monkeypatch, draw):
-    axes = _texts_and_legends(monkeypatch)
+    axes = _capture_axes(monkeypatch)
     series = {
         "test_top1": [0.5, 0.6],
         "train_loss": [2.0, 1.0],
